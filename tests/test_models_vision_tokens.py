@@ -1,0 +1,73 @@
+"""Vision-token budgets: the largest grid with at most T tokens near the image's aspect, kept by the processor."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from conftest import TINY_FAMILIES, make_image
+from knobsweep.models import KnobError, token_grid
+
+SEED_GRID = [288, 432, 576, 720, 1008, 1440, 1872]
+ASPECTS = {"4:3": (640, 480), "3:4": (480, 640), "16:9": (1920, 1080), "1:1": (500, 500)}
+# The bound this rule achieves on the seed grid (worst case: 1:1 at 288 -> 16x17 = 272 tokens).
+MIN_FILL = 0.94
+
+
+def _error(rows: int, cols: int, width: int, height: int) -> float:
+    return abs(math.log(cols / rows / (width / height)))
+
+
+@pytest.mark.parametrize("vision_tokens", SEED_GRID)
+@pytest.mark.parametrize("aspect", ASPECTS)
+def test_grid_is_the_largest_within_tolerance(vision_tokens, aspect):
+    width, height = ASPECTS[aspect]
+    rows, cols = token_grid(width, height, vision_tokens, min_tokens=4, aspect_tolerance=0.10)
+    assert rows * cols <= vision_tokens
+    assert rows * cols >= MIN_FILL * vision_tokens
+    assert _error(rows, cols, width, height) <= math.log1p(0.10) + 1e-12
+    # Brute force: no grid within the tolerance holds more tokens.
+    best = max(
+        r * c
+        for r in range(1, vision_tokens + 1)
+        for c in range(1, vision_tokens // r + 1)
+        if _error(r, c, width, height) <= math.log1p(0.10) + 1e-12
+    )
+    assert rows * cols == best
+
+
+def test_tiny_budgets_fall_back_to_closest_aspect():
+    # 16:9 at 4 tokens: nothing within 10%; (1, 2) has the closest aspect ratio.
+    assert token_grid(1920, 1080, 4) == (1, 2)
+    assert token_grid(500, 500, 4) == (2, 2)
+    with pytest.raises(KnobError, match="below the minimum"):
+        token_grid(500, 500, 3, min_tokens=4)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_processor_keeps_the_planned_grid(tiny_adapters, family):
+    adapter = tiny_adapters[family]
+    low, high = adapter.vision_token_range()
+    assert low <= 16 and high >= max(SEED_GRID)
+    for vision_tokens in [16, *SEED_GRID]:
+        images = [make_image(w // 4, h // 4, seed=vision_tokens) for w, h in ASPECTS.values()]
+        inputs = adapter.prepare_inputs(images, ["What is in the image?"] * len(images), vision_tokens)
+        counts = adapter.vision_tokens_of(inputs)
+        assert counts == [adapter.planned_vision_tokens(image, vision_tokens) for image in images]
+        assert all(count <= vision_tokens for count in counts)
+        if hasattr(adapter, "pixels_per_token") and family.startswith("qwen"):
+            side = adapter.pixels_per_token()
+            for image, count in zip(images, counts):
+                rows, cols = adapter.planned_grid(image, vision_tokens)
+                assert adapter.resize_for_tokens(image, vision_tokens).size == (cols * side, rows * side)
+                assert count == rows * cols
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_generate_reports_actual_vision_tokens(tiny_adapters, family):
+    adapter = tiny_adapters[family]
+    image = make_image(80, 45)
+    result = adapter.generate(image, "What?", vision_tokens=30, max_new_tokens=1)
+    assert result.vision_tokens == adapter.planned_vision_tokens(image, 30) <= 30
+    with pytest.raises(KnobError, match="vision_tokens must be an int"):
+        adapter.resize_for_tokens(image, 30.5)
