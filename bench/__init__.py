@@ -1,0 +1,1 @@
+"""Latency benchmark of the real-size model with random weights (see bench/README.md)."""
