@@ -197,14 +197,7 @@ def test_full_disk_leaves_the_old_file_and_no_temp_files(tmp_path, monkeypatch, 
         "parquet",
         "json",
         "shard",
-        pytest.param(
-            "manifest",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="workloads.manifest.write_manifest renames without fsync (its own writer, not "
-                "io.atomic_path): after a node crash the manifest may be empty or partial under its final name",
-            ),
-        ),
+        "manifest",
     ],
 )
 def test_every_writer_fsyncs_before_the_rename(tmp_path, monkeypatch, writer):

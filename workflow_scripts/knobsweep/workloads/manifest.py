@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from knobsweep.io import atomic_path
 from knobsweep.workloads import WORKLOADS, DataError, prompts
 from knobsweep.workloads.coco import CaptionSample
 from knobsweep.workloads.vqa import VqaSample
@@ -217,19 +217,12 @@ def check_images(rows: Sequence[dict]) -> dict[str, tuple[int, int]]:
 
 
 def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
-    """Write `df` as Parquet atomically (a temporary file in the same directory, then os.replace)."""
+    """Write `df` as Parquet atomically (temporary file, fsync, rename: see knobsweep.io.atomic_path)."""
     path = Path(path)
     _check_columns(list(df.columns), path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pandas(df[list(COLUMNS)], schema=SCHEMA, preserve_index=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
