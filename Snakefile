@@ -1,0 +1,26 @@
+# knobsweep: how vision tokens, MoE top-k and active decoder blocks of an MoE VLM trade quality for
+# latency. See README.md; every config key is documented in config/README.md.
+
+from snakemake.utils import min_version
+
+min_version("9.27")
+
+
+configfile: "config.yaml"
+
+
+report: "report/workflow.rst"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/importance.smk"
+include: "rules/cells.smk"
+include: "rules/scoring.smk"
+include: "rules/analysis.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        get_final_output(),

@@ -1,0 +1,326 @@
+"""Run one cell (one knob setting on one workload's evaluation samples) and write its shard.
+
+A cell's shard is one Parquet file with a row per evaluation sample (predictions and per-stage latency)
+and, in its schema metadata under b"knobsweep", the provenance: model, dtype, device, library and code
+versions, and the fingerprint of everything that determines the result.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from knobsweep import io
+from knobsweep.knobs import KnobSetting
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# Bump by hand whenever a change to the inference path (knob application, generation, timing, image
+# handling) can change a cell's predictions or latencies: every cell's fingerprint includes it, so the
+# workflow re-runs them all. Fixes that cannot change results need no bump.
+INFERENCE_CODE_VERSION = "1"
+
+SHARD_COLUMNS = (
+    "workload",
+    "vision_tokens",
+    "top_k",
+    "active_blocks",
+    "kept_blocks",
+    "sample_id",
+    "prediction",
+    "vision_tokens_actual",
+    "prompt_tokens",
+    "output_tokens",
+    "preprocess_ms",
+    "vision_ms",
+    "prefill_ms",
+    "decode_ms",
+    "ttft_ms",
+    "latency_ms",
+)
+_STAGES = ("preprocess", "vision", "prefill", "decode", "ttft")
+
+log = logging.getLogger(__name__)
+
+
+class ProgressLog:
+    """Logs samples done, rate and estimated time left, at most every `every_s` seconds (and at the end)."""
+
+    def __init__(
+        self, what: str, total: int, every_s: float = 10.0, emit: Callable[[str], None] | None = None
+    ):
+        self.what, self.total, self.every_s = what, total, every_s
+        self.emit = emit or log.info
+        self.start = self.last = time.monotonic()
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        if done < self.total and now - self.last < self.every_s:
+            return
+        self.last = now
+        elapsed = now - self.start
+        rate = done / elapsed if elapsed > 0 else math.inf
+        left = (self.total - done) / rate if rate > 0 else math.inf
+        self.emit(f"{self.what}: {done}/{self.total} samples, {rate:.2f} samples/s, ~{left:.0f} s left")
+
+
+def load_image(path: str):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def warmup_rows(manifest: pd.DataFrame, n: int) -> pd.DataFrame:
+    """The samples used to warm up: calibration samples first (they are not evaluated), then eval ones."""
+    ordered = manifest.sort_values("split", key=lambda s: s != "calibration", kind="stable")
+    return ordered.head(n)
+
+
+def run_cell(
+    adapter: Any,
+    manifest: pd.DataFrame,
+    setting: KnobSetting,
+    kept_blocks: Sequence[int],
+    *,
+    workload: str,
+    max_new_tokens: int,
+    warmup: int,
+    progress_every_s: float = 10.0,
+) -> pd.DataFrame:
+    """Generate, at batch 1, an answer for every evaluation sample of `manifest` under `setting` with only
+    `kept_blocks` active; `warmup` samples run first with the same knobs and are discarded."""
+    import pandas as pd
+
+    if len(kept_blocks) != setting.active_blocks:
+        raise ValueError(
+            f"{setting.cell_id()}: {len(kept_blocks)} kept blocks given "
+            f"for active_blocks={setting.active_blocks}"
+        )
+    eval_rows = manifest[manifest["split"] == "eval"]
+    if eval_rows.empty:
+        raise ValueError(f"{workload}: the manifest has no evaluation samples")
+    adapter.configure(top_k=setting.top_k, active_blocks=list(kept_blocks))
+    try:
+        start = time.monotonic()
+        for row in warmup_rows(manifest, warmup).itertuples():
+            adapter.generate(
+                load_image(row.image_path),
+                row.prompt,
+                vision_tokens=setting.vision_tokens,
+                max_new_tokens=max_new_tokens,
+            )
+        warmup_s = time.monotonic() - start
+        progress = ProgressLog(f"{workload} {setting.cell_id()}", len(eval_rows), progress_every_s)
+        start = time.monotonic()
+        rows = []
+        for done, row in enumerate(eval_rows.itertuples(), start=1):
+            result = adapter.generate(
+                load_image(row.image_path),
+                row.prompt,
+                vision_tokens=setting.vision_tokens,
+                max_new_tokens=max_new_tokens,
+            )
+            timings = result.timings_ms
+            rows.append(
+                {
+                    "workload": workload,
+                    "vision_tokens": setting.vision_tokens,
+                    "top_k": setting.top_k,
+                    "active_blocks": setting.active_blocks,
+                    "kept_blocks": [int(b) for b in kept_blocks],
+                    "sample_id": row.sample_id,
+                    "prediction": result.text,
+                    "vision_tokens_actual": int(result.vision_tokens),
+                    "prompt_tokens": int(result.prompt_tokens),
+                    "output_tokens": int(result.output_tokens),
+                    **{f"{stage}_ms": float(timings[stage]) for stage in _STAGES},
+                    "latency_ms": float(timings["total"]),
+                }
+            )
+            progress.update(done)
+        samples_s = time.monotonic() - start
+    finally:
+        adapter.reset()
+    frame = pd.DataFrame(rows, columns=list(SHARD_COLUMNS))
+    # Wall time of warm-up and of the measured samples, for the per-cell overhead in the provenance.
+    frame.attrs.update(warmup_s=warmup_s, samples_s=samples_s)
+    return frame
+
+
+def device_name(device: str) -> str:
+    """A human-readable name of the device the model runs on (the GPU's product name on CUDA)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} logical cores)"
+
+
+def cell_fingerprint(
+    spec: dict[str, Any], manifest_sha256: str, importance_sha256: str, kept_blocks: Sequence[int]
+) -> str:
+    """sha256 of everything that determines the cell's result: the cell's specification (model identity,
+    dtype, device kind, implementations, knobs, manifest and importance settings, prompts via the manifest,
+    generation settings, warm-up count, INFERENCE_CODE_VERSION), the manifest's and importance file's
+    content hashes and the kept blocks. Deliberately not the git commit."""
+    return io.fingerprint(
+        {
+            "spec": spec,
+            "manifest_sha256": manifest_sha256,
+            "importance_sha256": importance_sha256,
+            "kept_blocks": [int(b) for b in kept_blocks],
+        }
+    )
+
+
+def importance_content_hash(path: str | os.PathLike) -> str:
+    """Fingerprint of an importance file without its provenance and timing, which vary between
+    otherwise identical computations."""
+    import json
+
+    with open(path) as f:
+        importance = json.load(f)
+    return io.fingerprint({k: v for k, v in importance.items() if k not in ("provenance", "elapsed_s")})
+
+
+def cell_provenance(
+    spec: dict[str, Any],
+    *,
+    model_path: str,
+    manifest_path: str,
+    importance_path: str,
+    kept_blocks: Sequence[int],
+    device: str,
+    load_s: float | None = None,
+    warmup_s: float | None = None,
+    samples_s: float | None = None,
+) -> dict[str, Any]:
+    manifest_sha256 = io.sha256_file(manifest_path)
+    importance_sha256 = importance_content_hash(importance_path)
+    return {
+        "model_path": str(Path(model_path).resolve()),
+        "config_hash": io.sha256_file(Path(model_path, "config.json")),
+        "dtype": spec["runtime"]["dtype"],
+        "device": device,
+        "device_name": device_name(device),
+        "library_versions": io.library_versions(),
+        "code_version": {"inference": INFERENCE_CODE_VERSION, "git_commit": io.git_commit()},
+        "fingerprint": cell_fingerprint(spec, manifest_sha256, importance_sha256, kept_blocks),
+        "manifest_sha256": manifest_sha256,
+        "importance_sha256": importance_sha256,
+        "kept_blocks": [int(b) for b in kept_blocks],
+        "spec": spec,
+        "host": platform.node(),
+        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "overhead_s": {"load": load_s, "warmup": warmup_s, "samples": samples_s},
+    }
+
+
+def write_shard(rows: pd.DataFrame, path: str | os.PathLike, provenance: dict[str, Any]) -> None:
+    """Write the shard atomically with its provenance under the b"knobsweep" metadata key."""
+    missing = [c for c in SHARD_COLUMNS if c not in rows.columns]
+    if missing:
+        raise ValueError(f"{path}: shard rows lack the columns {missing}")
+    io.write_parquet_atomic(
+        rows[list(SHARD_COLUMNS)], path, {io.PROVENANCE_KEY: io.canonical_json(provenance)}
+    )
+
+
+def check_setting(adapter: Any, setting: KnobSetting) -> None:
+    """Re-check the knobs against the loaded model (the DAG-time check reads only its JSON files)."""
+    low, high = adapter.vision_token_range()
+    problems = []
+    if not low <= setting.vision_tokens <= high:
+        problems.append(f"vision_tokens={setting.vision_tokens} outside the model's range {low}..{high}")
+    if setting.top_k > adapter.num_experts:
+        problems.append(f"top_k={setting.top_k} above the model's {adapter.num_experts} experts")
+    if setting.active_blocks > adapter.num_blocks:
+        problems.append(
+            f"active_blocks={setting.active_blocks} above the model's {adapter.num_blocks} blocks"
+        )
+    if problems:
+        raise ValueError(f"{setting.cell_id()}: " + "; ".join(problems))
+
+
+def run_cell_job(
+    spec: dict[str, Any],
+    *,
+    model_path: str,
+    device: str,
+    manifest_path: str,
+    importance_path: str,
+    out_path: str,
+    progress_every_s: float = 30.0,
+) -> dict[str, Any]:
+    """One cell job: load the model once, select the kept blocks, run the cell, write its shard.
+    Returns the provenance written."""
+    import json
+
+    from knobsweep.knobs import select_blocks
+    from knobsweep.models import load_model
+    from knobsweep.workloads.manifest import read_manifest
+
+    setting = KnobSetting(**spec["knobs"])
+    runtime = spec["runtime"]
+    start = time.monotonic()
+    adapter = load_model(
+        model_path,
+        device=device,
+        dtype=runtime["dtype"],
+        attn_implementation=runtime["attn_implementation"],
+        experts_implementation=runtime["experts_implementation"],
+        trust_remote_code=runtime["trust_remote_code"],
+    )
+    load_s = time.monotonic() - start
+    log.info("%s: model loaded in %.1f s", setting.cell_id(), load_s)
+    check_setting(adapter, setting)
+    with open(importance_path) as f:
+        importance = json.load(f)
+    if importance["num_blocks"] != adapter.num_blocks:
+        raise ValueError(
+            f"{importance_path}: importance of {importance['num_blocks']} blocks, "
+            f"the model has {adapter.num_blocks}"
+        )
+    kept_blocks = select_blocks(importance["selection_score"], setting.active_blocks, **spec["blocks"])
+    manifest = read_manifest(manifest_path)
+    rows = run_cell(
+        adapter,
+        manifest,
+        setting,
+        kept_blocks,
+        workload=spec["workload"],
+        max_new_tokens=spec["generation"]["max_new_tokens"],
+        warmup=spec["warmup"],
+        progress_every_s=progress_every_s,
+    )
+    provenance = cell_provenance(
+        spec,
+        model_path=model_path,
+        manifest_path=manifest_path,
+        importance_path=importance_path,
+        kept_blocks=kept_blocks,
+        device=device,
+        load_s=load_s,
+        warmup_s=rows.attrs["warmup_s"],
+        samples_s=rows.attrs["samples_s"],
+    )
+    write_shard(rows, out_path, provenance)
+    log.info(
+        "%s: load %.1f s, warm-up %.1f s (%d samples), %d samples in %.1f s",
+        setting.cell_id(),
+        load_s,
+        rows.attrs["warmup_s"],
+        spec["warmup"],
+        len(rows),
+        rows.attrs["samples_s"],
+    )
+    return provenance
