@@ -213,7 +213,7 @@ def test_nothing_to_do_after_a_finished_run(workflow):
 
 
 def test_adding_a_knob_value_schedules_only_the_new_cells(workflow):
-    full = with_(TINY, cells__mode="full")
+    full = with_(TINY, cells__mode="full", cells__list=[])
     grid = full["grid"]
     jobs = workflow.planned(full)
     expected = {("cell", cell_path(w, s)) for w in WORKLOADS for s in full_grid(**grid) if s not in LISTED}
@@ -329,7 +329,7 @@ def test_plotting_change_redraws_plots_only(workflow):
 def test_sparse_dense_adds_the_neighbours_of_the_frontier(workflow):
     from knobsweep.knobs import grid_neighbours
 
-    config = with_(TINY, cells__mode="sparse_dense", cells__sparse={"n": 5, "seed": 0})
+    config = with_(TINY, cells__mode="sparse_dense", cells__list=[], cells__sparse={"n": 5, "seed": 0})
     config["grid"] = {"vision_tokens": [16, 24, 32], "top_k": [1, 2], "active_blocks": [4]}
     del config["workloads"]["captioning"]
     result = workflow.snakemake(config)
