@@ -212,15 +212,7 @@ CASES: list[tuple] = [
 # later, inside a job (after the model, data or even every GPU cell has run). Real bugs; fixes in
 # docs/failure-modes.md and the report.
 LATE = {
-    "model.tiny.family-unknown": "tiny_model job: build_tiny_checkpoint raises; common.smk never checks the family",
     "model.tiny.overrides-typo": "tiny_model job: build_tiny_checkpoint raises ValueError (unknown overrides)",
-    "synthetic.options-typo": "synthetic_data job: write_synthetic_dataset(**options) raises TypeError",
-    "qa.stratify-unknown": "manifest job: build_manifest raises; check_config never checks stratify",
-    "captioning.data.split-unknown": "manifest job: the Karpathy split name is checked by the COCO loader only",
-    "analysis-unknown": "aggregate job (after every cell): analysis_params is called only there",
-    "analysis.n_bootstrap-one": "aggregate job (after every cell): analysis_params is called only there",
-    "analysis.ci_level-range": "aggregate job (after every cell): analysis_params is called only there",
-    "analysis.thresholds-unknown": "aggregate job (after every cell): analysis_params is called only there",
 }
 
 # Rejected configs that also run WITHOUT -n: nothing may start.
@@ -379,10 +371,6 @@ def test_rejected_config_starts_no_job_in_a_real_run(outcomes, case_id):
     assert "Building DAG" not in result["output"] or "Error" in result["output"], result["output"][-2000:]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="check_config ignores cells.list unless cells.mode is 'list': the full grid runs instead",
-)
 def test_cell_list_without_list_mode_is_rejected(outcomes):
     result = outcomes["cells.list-without-mode"]
     assert result["rc"] != 0, "the full grid would run: " + result["output"][-800:]
