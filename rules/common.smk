@@ -13,7 +13,13 @@ sys.path.insert(0, str(Path(workflow.basedir) / "workflow_scripts"))
 
 from knobsweep import config as ks_config
 from knobsweep.cells import INFERENCE_CODE_VERSION
-from knobsweep.knobs import KnobSetting, full_grid, sparse_cells
+from knobsweep.knobs import (
+    KnobSetting,
+    full_grid,
+    resolve_default_top_k,
+    single_knob_lines,
+    sparse_cells,
+)
 
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 try:
@@ -30,6 +36,17 @@ WORKLOADS = list(config["workloads"])
 GRID = config["grid"]
 MODEL_DIR = config["model"]["path"].rstrip("/")
 CELL = "vt{vision_tokens}_k{top_k}_b{active_blocks}"
+
+# The model's full setting: the largest vision budget and block count of the grid, and the model's own
+# top-k (or the largest grid value below it; the grid's largest for a tiny model the workflow builds).
+# Single-knob policies move one knob away from it.
+if config["analysis"].get("default_top_k") is None and MODEL_LIMITS is not None:
+    config["analysis"]["default_top_k"] = MODEL_LIMITS.default_top_k
+FULL_SETTING = KnobSetting(
+    max(GRID["vision_tokens"]),
+    resolve_default_top_k(GRID["top_k"], config["analysis"].get("default_top_k")),
+    max(GRID["active_blocks"]),
+)
 
 
 wildcard_constraints:
@@ -177,13 +194,18 @@ def first_stage_cells():
         return full_grid(GRID["vision_tokens"], GRID["top_k"], GRID["active_blocks"])
     if cells["mode"] == "list":
         return sorted({KnobSetting.from_cell_id(c) for c in cells["list"]})
-    return sparse_cells(
-        GRID["vision_tokens"],
-        GRID["top_k"],
-        GRID["active_blocks"],
-        n=cells["sparse"]["n"],
-        seed=cells["sparse"]["seed"],
+    sparse = set(
+        sparse_cells(
+            GRID["vision_tokens"],
+            GRID["top_k"],
+            GRID["active_blocks"],
+            n=cells["sparse"]["n"],
+            seed=cells["sparse"]["seed"],
+        )
     )
+    if cells["sparse"]["single_knob_lines"]:
+        sparse.update(single_knob_lines(FULL_SETTING, *GRID.values()))
+    return sorted(sparse)
 
 
 def scored_path(workload, setting):

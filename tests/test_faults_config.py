@@ -173,6 +173,7 @@ CASES: list[tuple] = [
     ("cells.sparse-type", "cells.sparse", 5, "model", ()),
     ("cells.sparse.n-zero", "cells.sparse.n", 0, "model", ()),
     ("cells.sparse.seed-type", "cells.sparse.seed", "0", "model", ()),
+    ("cells.sparse.single_knob_lines-type", "cells.sparse.single_knob_lines", "yes", "model", ()),
     ("cells.sparse-unknown", "cells.sparse.count", 5, "model", ("count",)),
     ("cells.dense-type", "cells.dense", "p95", "model", ()),
     ("cells.dense.latency-enum", "cells.dense.latency", "p95", "model", ()),

@@ -9,6 +9,7 @@ from knobsweep.knobs import (
     full_grid,
     grid_neighbours,
     select_blocks,
+    single_knob_lines,
     sparse_cells,
     sparse_minimum,
 )
@@ -114,3 +115,23 @@ def test_select_blocks_rejects_bad_counts():
         select_blocks([1, 2, 3, 4], 0)
     with pytest.raises(ValueError, match="NaN"):
         select_blocks([1.0, float("nan")], 1)
+
+
+def test_single_knob_lines_are_the_cells_one_knob_away_from_the_full_setting():
+    full = KnobSetting(1872, 8, 24)
+    lines = single_knob_lines(full, *SEED_GRID)
+    # Brute force: grid cells that differ from the full setting in at most one knob.
+    expected = sorted(
+        s
+        for s in full_grid(*SEED_GRID)
+        if sum(
+            a != b
+            for a, b in zip(
+                (s.vision_tokens, s.top_k, s.active_blocks),
+                (full.vision_tokens, full.top_k, full.active_blocks),
+            )
+        )
+        <= 1
+    )
+    assert lines == expected
+    assert len(lines) == 7 + 6 + 8 - 2

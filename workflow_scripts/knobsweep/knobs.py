@@ -35,7 +35,7 @@ class KnobSetting:
 
 
 def _axis(name: str, values: Iterable[int]) -> list[int]:
-    axis = sorted(set(int(v) for v in values))
+    axis = sorted({int(v) for v in values})
     if not axis:
         raise ValueError(f"knob {name!r} has no values")
     return axis
@@ -98,6 +98,29 @@ def sparse_cells(
     rest = sorted(set(full_grid(*axes)) - chosen)
     chosen.update(rng.sample(rest, max(n - len(chosen), 0)))
     return sorted(chosen)
+
+
+def resolve_default_top_k(grid_top_k: Sequence[int], default_top_k: int | None) -> int:
+    """The model's default top_k if on the grid, else the largest grid value below it; None: grid max."""
+    values = sorted(int(k) for k in set(grid_top_k))
+    if default_top_k is None:
+        return values[-1]
+    below = [k for k in values if k <= int(default_top_k)]
+    if not below:
+        raise ValueError(f"analysis.default_top_k={default_top_k} is below every grid top_k {values}")
+    return below[-1]
+
+
+def single_knob_lines(
+    full: KnobSetting, vision_tokens: Iterable[int], top_k: Iterable[int], active_blocks: Iterable[int]
+) -> list[KnobSetting]:
+    """Every cell that moves one knob away from `full` with the other two at their `full` values (the
+    settings a single-knob policy can reach), `full` included; sorted."""
+    lines = {full}
+    lines.update(KnobSetting(v, full.top_k, full.active_blocks) for v in vision_tokens)
+    lines.update(KnobSetting(full.vision_tokens, k, full.active_blocks) for k in top_k)
+    lines.update(KnobSetting(full.vision_tokens, full.top_k, b) for b in active_blocks)
+    return sorted(lines)
 
 
 def grid_neighbours(

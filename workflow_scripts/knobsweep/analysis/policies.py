@@ -10,20 +10,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..knobs import resolve_default_top_k
 from .bootstrap import CellReplicates, percentile_interval
 from .defaults import KNOBS, PRIMARY_LATENCY
 from .frontier import best_benefit_within, hypervolume, least_cost_reaching, pareto_frontier
-
-
-def resolve_default_top_k(grid_top_k: Sequence[int], default_top_k: int | None) -> int:
-    """The model's default top_k if on the grid, else the largest grid value below it; None: grid max."""
-    values = sorted(int(k) for k in set(grid_top_k))
-    if default_top_k is None:
-        return values[-1]
-    below = [k for k in values if k <= int(default_top_k)]
-    if not below:
-        raise ValueError(f"analysis.default_top_k={default_top_k} is below every grid top_k {values}")
-    return below[-1]
 
 
 def latency_budgets(cells: pd.DataFrame, workload: str, params: Mapping[str, Any]) -> list[float]:
