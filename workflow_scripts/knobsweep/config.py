@@ -241,6 +241,24 @@ def _analysis_problems(analysis: dict[str, Any]) -> list[str]:
     return problems
 
 
+# The top-k of a tiny checkpoint built without a `num_experts_per_tok` override (knobsweep.models.tiny).
+TINY_DEFAULT_TOP_K = 8
+
+
+def model_default_top_k(config: dict[str, Any], limits: ModelLimits | None) -> int:
+    """The model's own top-k, known at every DAG construction: from `analysis.default_top_k` if set, from
+    the builder settings for a checkpoint the workflow builds (it may not exist yet; reading it once built
+    would change the analysis params between two runs), else from the model's config.json."""
+    if config.get("analysis", {}).get("default_top_k") is not None:
+        return int(config["analysis"]["default_top_k"])
+    model = config["model"]
+    if model.get("build_tiny"):
+        overrides = model.get("tiny", {}).get("overrides", {})
+        return int(overrides.get("num_experts_per_tok", TINY_DEFAULT_TOP_K))
+    assert limits is not None, "check_config returns the limits of a model on disk"
+    return limits.default_top_k
+
+
 def check_config(config: dict[str, Any], base_dir: str | os.PathLike = ".") -> ModelLimits | None:
     """Raise ConfigError listing every problem of a schema-valid config; return the model's limits
     (None when the model is built by the workflow and does not exist yet, in which case the model-dependent

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from knobsweep.config import TINY_DEFAULT_TOP_K
+
 # Words every tiny tokenizer knows, so prompts of the study ("What is in the image?", captions) tokenize.
 DEFAULT_WORDS: tuple[str, ...] = tuple(
     """
@@ -190,7 +192,7 @@ def _text_defaults(tokenizer, overrides: dict[str, Any]) -> dict[str, Any]:
         "intermediate_size": 128,
         "moe_intermediate_size": 32,
         "num_experts": 64,
-        "num_experts_per_tok": 8,
+        "num_experts_per_tok": TINY_DEFAULT_TOP_K,
         "max_position_embeddings": 8192,
         "initializer_range": 0.3,
         "rms_norm_eps": 1e-6,
