@@ -39,7 +39,9 @@ CELL = "vt{vision_tokens}_k{top_k}_b{active_blocks}"
 
 # The model's full setting: the largest vision budget and block count of the grid, and the model's own
 # top-k (or the largest grid value below it). Single-knob policies move one knob away from it.
-config["analysis"]["default_top_k"] = ks_config.model_default_top_k(config, MODEL_LIMITS)
+config["analysis"]["default_top_k"] = ks_config.model_default_top_k(
+    config, MODEL_LIMITS
+)
 FULL_SETTING = KnobSetting(
     max(GRID["vision_tokens"]),
     resolve_default_top_k(GRID["top_k"], config["analysis"]["default_top_k"]),

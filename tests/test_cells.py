@@ -238,13 +238,13 @@ def _inputs(tmp_path):
 
 def test_shard_provenance_and_fingerprint_ignore_git_and_timing(tmp_path, monkeypatch):
     model, manifest, importance = _inputs(tmp_path)
-    kwargs = dict(
-        model_path=str(model),
-        manifest_path=str(manifest),
-        importance_path=str(importance),
-        kept_blocks=(0, 3),
-        device="cpu",
-    )
+    kwargs = {
+        "model_path": str(model),
+        "manifest_path": str(manifest),
+        "importance_path": str(importance),
+        "kept_blocks": (0, 3),
+        "device": "cpu",
+    }
     monkeypatch.setattr(io, "git_commit", lambda repo=None: "aaaa")
     first = cells.cell_provenance(_spec(), **kwargs)
     monkeypatch.setattr(io, "git_commit", lambda repo=None: "bbbb-dirty")

@@ -83,7 +83,7 @@ class Workflow:
             *args,
         ]
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(self.root / "site"), **(env or {})}
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
+        return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, env=full_env)
 
     def planned(self, config: dict, env: dict | None = None) -> set[tuple[str, str]]:
         """(rule, first output) of every job a dry run would run."""
@@ -329,7 +329,12 @@ def test_plotting_change_redraws_plots_only(workflow):
 def test_sparse_dense_adds_the_neighbours_of_the_frontier(workflow):
     from knobsweep.knobs import grid_neighbours
 
-    config = with_(TINY, cells__mode="sparse_dense", cells__list=[], cells__sparse={"n": 5, "seed": 0})
+    config = with_(
+        TINY,
+        cells__mode="sparse_dense",
+        cells__list=[],
+        cells__sparse={"n": 5, "seed": 0, "single_knob_lines": False},
+    )
     config["grid"] = {"vision_tokens": [16, 24, 32], "top_k": [1, 2], "active_blocks": [4]}
     del config["workloads"]["captioning"]
     result = workflow.snakemake(config)

@@ -519,7 +519,7 @@ def coupling_report(
             "verdict": combine([v for d in q3.values() for v in d.values()]),
         },
         "Q4": {
-            "question": "Can single-knob policies match multi-knob ones?",
+            "question": "Do single-knob policies fall short of multi-knob ones?",
             "hypothesis": "every single-knob policy falls short of the three-knob frontier: each one's "
             "hypervolume ratio stays below the threshold",
             "threshold": thr["single_knob_hv_ratio"],
