@@ -1,235 +1,25 @@
-"""Decode attention over a static cache without expanding grouped key/value heads.
+"""Decode attention without expanded key/value heads ("knobsweep_gqa") and the split-KV decode kernel
+("knobsweep_splitkv"), now part of the knob engine: re-exported from `knobsweep.models.decode_attention` so
+that the benchmark and the study's fast inference path run the same kernels."""
 
-transformers' sdpa path copies every key/value head num_key_value_groups times (`repeat_kv`) whenever a mask is
-given, which a static cache always needs. At batch 1 with one new token, the query heads that share a key/value
-head can instead be laid out as that head's "query positions": one sdpa call reads each cached key and value
-once. Registered as attention implementation "knobsweep_gqa"; anything but a single-token query goes to sdpa.
-"""
+from knobsweep.models.decode_attention import (
+    NAME,
+    NUM_SPLITS,
+    SPLITKV_NAME,
+    gqa_decode_attention,
+    register,
+    register_splitkv,
+    splitkv_attention,
+    splitkv_decode,
+)
 
-from __future__ import annotations
-
-import torch
-from torch.nn import functional as F
-
-NAME = "knobsweep_gqa"
-
-
-def gqa_decode_attention(
-    module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs,
-):
-    """query (B, Hq, 1, D), key/value (B, Hkv, S, D), mask (B, 1, 1, S) bool or additive -> (B, 1, Hq, D)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    batch, heads, q_len, dim = query.shape
-    kv_heads = key.shape[1]
-    if q_len != 1 or heads == kv_heads:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-        )
-    groups = heads // kv_heads
-    # Head h uses key/value head h // groups (repeat_kv's layout), so the groups are contiguous in the view.
-    q = query.reshape(batch, kv_heads, groups, dim)
-    mask = attention_mask
-    if mask is not None and mask.dim() == 4:
-        mask = mask[:, :, :, : key.shape[2]]
-    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
-    return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
-
-
-def register() -> str:
-    """Make "knobsweep_gqa" a valid attention (and mask) implementation name."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-    from transformers.modeling_utils import AttentionInterface
-
-    AttentionInterface.register(NAME, gqa_decode_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
-    return NAME
-
-
-# --- split-KV ("flash-decoding") decode attention -------------------------------------------------------------
-# The sdpa kernels parallelise over (batch, heads, query blocks): at batch 1 with 4 key/value heads that is a
-# handful of thread blocks, each walking the whole cache. Here the cache is split into NUM_SPLITS chunks, each
-# chunk's partial softmax computed by its own program, and a second kernel combines the partials.
-SPLITKV_NAME = "knobsweep_splitkv"
-NUM_SPLITS = 32
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
-
-if triton is not None:
-
-    @triton.jit
-    def _splitkv_partial(
-        q_ptr,
-        k_ptr,
-        v_ptr,
-        mask_ptr,
-        acc_ptr,
-        m_ptr,
-        l_ptr,
-        S,
-        CHUNK,
-        scale,
-        GROUPS: tl.constexpr,
-        BLOCK_G: tl.constexpr,
-        D: tl.constexpr,
-        BLOCK_S: tl.constexpr,
-        NSPLIT: tl.constexpr,
-        HAS_MASK: tl.constexpr,
-    ):
-        head = tl.program_id(0)  # key/value head
-        split = tl.program_id(1)
-        offs_g = tl.arange(0, BLOCK_G)
-        offs_d = tl.arange(0, D)
-        q = tl.load(
-            q_ptr + (head * GROUPS + offs_g[:, None]) * D + offs_d[None, :],
-            mask=offs_g[:, None] < GROUPS,
-            other=0.0,
-        )
-        m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
-        acc = tl.zeros((BLOCK_G, D), dtype=tl.float32)
-        start = split * CHUNK
-        for s0 in range(start, start + CHUNK, BLOCK_S):
-            offs_s = s0 + tl.arange(0, BLOCK_S)
-            valid = offs_s < S
-            if HAS_MASK:
-                valid = valid & (tl.load(mask_ptr + offs_s, mask=offs_s < S, other=0) != 0)
-            kv_off = head * S * D + offs_s[:, None] * D + offs_d[None, :]
-            k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0)
-            # fp32 even when a caller (inductor) passes the scale as a float64 constant
-            scores = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32)
-            scores = tl.where(valid[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(scores - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            m_i = m_new
-        row = (head * NSPLIT + split) * BLOCK_G + offs_g
-        tl.store(m_ptr + row, m_i)
-        tl.store(l_ptr + row, l_i)
-        tl.store(acc_ptr + row[:, None] * D + offs_d[None, :], acc)
-
-    @triton.jit
-    def _splitkv_combine(
-        acc_ptr,
-        m_ptr,
-        l_ptr,
-        out_ptr,
-        GROUPS: tl.constexpr,
-        BLOCK_G: tl.constexpr,
-        D: tl.constexpr,
-        NSPLIT: tl.constexpr,
-    ):
-        pid = tl.program_id(0)  # query head
-        head = pid // GROUPS
-        g = pid % GROUPS
-        offs_s = tl.arange(0, NSPLIT)
-        offs_d = tl.arange(0, D)
-        rows = (head * NSPLIT + offs_s) * BLOCK_G + g
-        m = tl.load(m_ptr + rows)
-        l = tl.load(l_ptr + rows)
-        m_max = tl.max(m, axis=0)
-        w = tl.exp(m - m_max)  # splits with no valid key have m = -inf: weight 0
-        acc = tl.load(acc_ptr + rows[:, None] * D + offs_d[None, :])
-        out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
-        tl.store(out_ptr + pid * D + offs_d, out.to(out_ptr.dtype.element_ty))
-
-
-def splitkv_decode(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
-) -> torch.Tensor:
-    """query (1, Hq, 1, D), key/value (1, Hkv, S, D) contiguous, mask (S,) bool or None -> (1, 1, Hq, D)."""
-    _, heads, _, dim = query.shape
-    kv_heads, length = key.shape[1], key.shape[2]
-    groups = heads // kv_heads
-    block_g = max(16, triton.next_power_of_2(groups))  # tl.dot needs at least 16 rows
-    block_s = 64
-    chunk = block_s * triton.cdiv(length, NUM_SPLITS * block_s)
-    rows = kv_heads * NUM_SPLITS * block_g
-    acc = torch.empty(rows, dim, device=query.device, dtype=torch.float32)
-    m = torch.empty(rows, device=query.device, dtype=torch.float32)
-    l = torch.empty(rows, device=query.device, dtype=torch.float32)
-    out = torch.empty(1, 1, heads, dim, device=query.device, dtype=query.dtype)
-    q = query.reshape(heads, dim).contiguous()
-    has_mask = mask is not None
-    _splitkv_partial[(kv_heads, NUM_SPLITS)](
-        q,
-        key,
-        value,
-        mask if has_mask else q,
-        acc,
-        m,
-        l,
-        length,
-        chunk,
-        scale,
-        GROUPS=groups,
-        BLOCK_G=block_g,
-        D=dim,
-        BLOCK_S=block_s,
-        NSPLIT=NUM_SPLITS,
-        HAS_MASK=has_mask,
-        num_warps=4,
-    )
-    _splitkv_combine[(heads,)](
-        acc, m, l, out, GROUPS=groups, BLOCK_G=block_g, D=dim, NSPLIT=NUM_SPLITS, num_warps=4
-    )
-    return out
-
-
-def splitkv_attention(
-    module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs,
-):
-    """Split-KV kernel for one-token, batch-1 queries with a boolean (or no) mask; else `gqa_decode_attention`."""
-    from bench.fused_moe import triton_usable
-
-    dim = query.shape[-1]
-    usable = (
-        query.shape[0] == 1
-        and query.shape[2] == 1
-        and triton_usable(query)
-        and dim >= 16
-        and dim & (dim - 1) == 0
-        and key.is_contiguous()
-        and value.is_contiguous()
-        and (attention_mask is None or attention_mask.dtype == torch.bool)
-    )
-    if not usable:
-        return gqa_decode_attention(
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-        )
-    mask = None
-    if attention_mask is not None:
-        mask = attention_mask.reshape(-1)[: key.shape[2]]
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return splitkv_decode(query, key, value, mask, scale), None
-
-
-def register_splitkv() -> str:
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-    from transformers.modeling_utils import AttentionInterface
-
-    AttentionInterface.register(SPLITKV_NAME, splitkv_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(SPLITKV_NAME, sdpa_mask)
-    return SPLITKV_NAME
+__all__ = [
+    "NAME",
+    "NUM_SPLITS",
+    "SPLITKV_NAME",
+    "gqa_decode_attention",
+    "register",
+    "register_splitkv",
+    "splitkv_attention",
+    "splitkv_decode",
+]

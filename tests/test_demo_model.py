@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from knobsweep import demo_model as dm
+from PIL import Image
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "resources" / "models" / "tiny-qwen3-vl-moe"
 MAX_BYTES = 40_000_000  # the issue's budget: at most 40 MB for the whole checkpoint
@@ -146,3 +147,47 @@ def test_one_training_step_on_a_two_block_model(tmp_path):
     fresh = dm.fresh_model(tmp_path / "out.work" / "template", 0).state_dict()
     trained = torch.load(tmp_path / "out.work" / "resume.pt", weights_only=False)["model"]
     assert sum(not torch.equal(v, trained[k]) for k, v in fresh.items()) > len(fresh) // 2
+    assert np.isfinite(row["vision_probe_loss"]) and row["vision_probe_loss"] > 0
+
+
+def test_token_labels_mark_the_tokens_that_show_each_object():
+    from knobsweep.workloads import synthetic
+
+    large = synthetic.SceneObject("circle", "red", "large", x=0.25, y=0.5, radius=0.1, marker=7)
+    tiny = synthetic.SceneObject("star", "blue", "tiny", x=0.81, y=0.13, radius=0.012)
+    scene = synthetic.Scene(image=Image.new("RGB", (1600, 1200)), objects=(large, tiny), background="sandy")
+    labels = dm.token_labels(scene, rows=12, cols=16).reshape(12, 16, 4)
+    red, circle, size_large, blue, star, size_tiny = 1, 1, 1, 3, 5, 3
+    assert labels[6, 4].tolist() == [red, circle, size_large, 7]  # centre of the large circle
+    # The circle (radius 0.1 of 1200 px = 120 px) covers tokens within ~102 px of its centre (100 px tokens).
+    covered = {(r, c) for r in range(12) for c in range(16) if labels[r, c, 0] == red}
+    assert covered == {(5, 3), (5, 4), (6, 3), (6, 4)}
+    # The tiny star covers no token centre, but the token holding its centre is labelled.
+    assert labels[1, 12].tolist() == [blue, star, size_tiny, 0]
+    assert int((labels[..., 0] > 0).sum()) == 5
+
+
+def test_shipped_checkpoint_captions_describe_the_image_it_is_shown(shipped, tmp_path):
+    """Grounding, not priors: the colour and shape words of a caption match the references of its own image
+    far better than those of another image (the captions of a model that ignores the image match both alike)."""
+    from knobsweep.workloads import synthetic
+
+    _, captions = dm.heldout_samples(tmp_path, n_images=8, seed=434343)
+    out = shipped.generate_batch(
+        [Image.open(c["image_path"]).convert("RGB") for c in captions],
+        [c["prompt"] for c in captions],
+        vision_tokens=144,
+        max_new_tokens=24,
+    )
+    content = set(synthetic.COLORS) | set(synthetic.SHAPES) | {s + "s" for s in synthetic.SHAPES}
+
+    def precision(prediction: str, references: list[str]) -> float:
+        words = [w for w in synthetic.tokenize_words(prediction) if w in content]
+        seen = {w for r in references for w in synthetic.tokenize_words(r)}
+        return np.mean([w in seen for w in words]) if words else 0.0
+
+    own = np.mean([precision(r.text, c["references"]) for r, c in zip(out, captions)])
+    other = np.mean(
+        [precision(r.text, captions[(i + 1) % len(captions)]["references"]) for i, r in enumerate(out)]
+    )
+    assert own > other + 0.2, (own, other, [r.text for r in out])

@@ -87,6 +87,10 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     router_aux_loss_coef: float = 0.01
+    # Dense auxiliary loss on the vision tower's merged tokens (what object part each token shows): makes
+    # the encoder see colours, shapes, sizes and digits early, which the answer loss alone did not do in
+    # 563 steps (the model learned answer priors only). Used in training only; not part of the checkpoint.
+    vision_aux_loss_coef: float = 0.5
     per_token_loss: bool = True
     tokens_per_batch: int = 65536  # padded sequence tokens per step (vision + text)
     max_batch: int = 256
@@ -168,6 +172,40 @@ def grid_table(adapter, image_sizes: Sequence[tuple[int, int]], vision_tokens: S
     }
 
 
+# Per merged vision token: colour, shape, size and digit classes of the object part it shows (0 = none).
+TOKEN_LABEL_CLASSES = (9, 7, 4, 10)
+
+
+def token_labels(scene, rows: int, cols: int) -> torch.Tensor:
+    """(rows*cols, 4) class ids, row-major like the vision tower's merged tokens: the object covering the
+    token's centre, or else an object whose centre lies in the token (so tiny shapes get a label too)."""
+    from knobsweep.workloads import synthetic
+
+    colors, shapes = list(synthetic.COLORS), list(synthetic.SHAPES)
+    width, height = scene.width, scene.height
+    short = min(width, height)
+    u = (torch.arange(cols, dtype=torch.float64) + 0.5) / cols  # token centres, fractions of the image
+    v = (torch.arange(rows, dtype=torch.float64) + 0.5) / rows
+    vv, uu = torch.meshgrid(v, u, indexing="ij")
+    labels = torch.zeros(rows, cols, 4, dtype=torch.long)
+    for obj in scene.objects:
+        classes = torch.tensor(
+            [
+                colors.index(obj.color) + 1,
+                shapes.index(obj.shape) + 1,
+                synthetic.SIZES.index(obj.size) + 1,
+                obj.marker or 0,
+            ]
+        )
+        dist = torch.hypot((uu - obj.x) * width / short, (vv - obj.y) * height / short)
+        covered = dist < 0.85 * obj.radius
+        row, col = min(int(obj.y * rows), rows - 1), min(int(obj.x * cols), cols - 1)
+        labels[covered] = classes
+        if labels[row, col, 0] == 0:
+            labels[row, col] = classes
+    return labels.reshape(rows * cols, 4)
+
+
 class BatchMaker:
     """Builds one training batch: an image size and a vision-token budget (so one grid per batch), scenes,
     the real processor's token ids and pixels, answer labels and M-RoPE positions."""
@@ -199,12 +237,15 @@ class BatchMaker:
         vision_tokens = int(cfg.vision_tokens[int(rng.integers(len(cfg.vision_tokens)))])
         n = min(cfg.max_batch, cfg.tokens_per_batch // (vision_tokens + 48))
         n = max(cfg.samples_per_scene, n - n % cfg.samples_per_scene)
-        images, texts, targets, workloads = [], [], [], []
+        images, texts, targets, workloads, labels = [], [], [], [], []
+        rows, cols = self.grids[(width, height, vision_tokens)]
         while len(images) < n:
             scene, image = self.scene_image(rng, width, height, vision_tokens)
+            scene_labels = token_labels(scene, rows, cols)
             for workload, prompt, target in training_samples(
                 scene, rng, cfg.samples_per_scene, cfg.caption_fraction
             ):
+                labels.append(scene_labels)
                 images.append(image)
                 texts.append(chat_text(self.processor, prompt))
                 targets.append(target)
@@ -212,6 +253,7 @@ class BatchMaker:
         batch = encode_batch(self.processor, images, texts, targets)
         batch["is_caption"] = torch.tensor([w == "captioning" for w in workloads])
         batch["vision_tokens"] = torch.tensor(vision_tokens)
+        batch["token_labels"] = torch.cat(labels)
         return batch
 
 
@@ -380,8 +422,39 @@ def training_kernels(device: torch.device):
         moe._grouped_mm, m.Qwen3VLMoeVisionAttention.forward, m.get_vision_position_ids = saved
 
 
+class VisionProbe(torch.nn.Module):
+    """Linear heads on the vision tower's merged tokens, for the dense auxiliary loss (training only)."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(model.config.vision_config.out_hidden_size, sum(TOKEN_LABEL_CLASSES))
+        self.features: torch.Tensor | None = None
+        model.model.visual.merger.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output) -> None:
+        self.features = output
+
+    def loss(self, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy per label kind; background tokens weigh 0.1 (they are most of the image)."""
+        if self.features is None or self.features.shape[0] != labels.shape[0]:
+            raise RuntimeError("vision probe: merged tokens do not match the token labels")
+        logits = self.head(self.features.float()).split(list(TOKEN_LABEL_CLASSES), dim=-1)
+        weight = torch.where(labels[:, 0] > 0, 1.0, 0.1)
+        total = sum(
+            (F.cross_entropy(lg, labels[:, i], reduction="none") * weight).sum() / weight.sum()
+            for i, lg in enumerate(logits)
+        )
+        self.features = None
+        return total
+
+
 def batch_loss(
-    model, batch: dict[str, torch.Tensor], aux_coef: float, per_token: bool = True
+    model,
+    batch: dict[str, torch.Tensor],
+    aux_coef: float,
+    per_token: bool = True,
+    probe: VisionProbe | None = None,
+    probe_coef: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Cross-entropy on answer tokens, + router balance. `per_token`: mean over all answer tokens of the batch
     (captions, with many image-dependent words, then carry most of the gradient); else mean of per-sample
@@ -415,6 +488,10 @@ def batch_loss(
         aux = load_balancing_loss_func(out.router_logits, cfg.num_experts, cfg.num_experts_per_tok, None)
         loss = loss + aux_coef * aux
         stats["aux_loss"] = aux.item()
+    if probe is not None and probe_coef > 0:
+        vision = probe.loss(batch["token_labels"])
+        loss = loss + probe_coef * vision
+        stats["vision_probe_loss"] = vision.item()
     return loss, stats
 
 
@@ -478,8 +555,10 @@ def train(
 
     model = fresh_model(template, cfg.seed).to(dev)
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    probe = VisionProbe(model).to(dev)
+    params = [*model.named_parameters(), *(("probe." + n, p) for n, p in probe.named_parameters())]
+    decay = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in params if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.peak_lr,
@@ -492,9 +571,13 @@ def train(
     if resume.exists():
         state = torch.load(resume, map_location=dev, weights_only=False)
         model.load_state_dict(state["model"])
+        probe.load_state_dict(state["probe"])
         opt.load_state_dict(state["optimizer"])
         start, record = state["step"], state["record"]
-    record["segments"].append({"start_step": start})
+    # A resumed run may change the plan (e.g. more steps): each segment records what it ran with.
+    record["segments"].append(
+        {"start_step": start, "planned_steps": cfg.steps, "time_limit_s": cfg.time_limit_s}
+    )
 
     loader = torch.utils.data.DataLoader(
         SyntheticBatches(maker, cfg.seed, TRAIN_STREAM, start),
@@ -520,10 +603,17 @@ def train(
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                loss, stats = batch_loss(model, batch, cfg.router_aux_loss_coef, cfg.per_token_loss)
+                loss, stats = batch_loss(
+                    model,
+                    batch,
+                    cfg.router_aux_loss_coef,
+                    cfg.per_token_loss,
+                    probe=probe,
+                    probe_coef=cfg.vision_aux_loss_coef,
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.grad_clip)
             # A non-finite loss or gradient (bf16 overflow; grouped_mm leaves rows of experts that got no token
             # uninitialised in some kernels) would poison every weight: skip that step instead.
             finite = bool(torch.isfinite(gnorm)) and bool(torch.isfinite(loss))
@@ -554,7 +644,14 @@ def train(
             t_wait = time.monotonic()
     record["segments"][-1].update({"end_step": step, "seconds": round(time.monotonic() - t0, 1)})
     torch.save(
-        {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "record": record}, resume
+        {
+            "model": model.state_dict(),
+            "probe": probe.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "record": record,
+        },
+        resume,
     )
     save_checkpoint(model, template, out_dir)
     (out_dir / "training_record.json").write_text(json.dumps(record, indent=1))
@@ -791,6 +888,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "time_limit_s",
         "samples_per_scene",
         "router_aux_loss_coef",
+        "vision_aux_loss_coef",
         "min_lr_ratio",
     ):
         value = getattr(defaults, name)

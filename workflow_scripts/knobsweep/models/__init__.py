@@ -13,12 +13,14 @@ import torch
 
 from knobsweep.models.base import STAGES, GenerationResult, KnobError, ModelAdapter, SkippedBlock, token_grid
 from knobsweep.models.ernie4_5_vl_moe import Ernie45VLMoeAdapter
+from knobsweep.models.fast_path import INFERENCE_PATHS
 from knobsweep.models.internvl import InternVLMoeAdapter
 from knobsweep.models.qwen3_5_moe import Qwen35MoeAdapter
 from knobsweep.models.qwen3_vl_moe import Qwen3VLMoeAdapter
 
 __all__ = [
     "ADAPTERS",
+    "INFERENCE_PATHS",
     "REFUSED",
     "STAGES",
     "GenerationResult",
@@ -102,12 +104,15 @@ def load_model(
     attn_implementation: str | None = "sdpa",
     experts_implementation: str | None = None,
     trust_remote_code: bool = False,
+    inference_path: str = "auto",
 ) -> ModelAdapter:
     """Load the Hugging Face checkpoint directory `path` and return its family's adapter.
 
     `attn_implementation`: "sdpa", "eager", "flash_attention_2", ... (None: transformers' default).
     `experts_implementation`: "eager", "grouped_mm", "batched_mm", ... (None: transformers' default).
     `trust_remote_code` is passed on only as given (never turned on here).
+    `inference_path`: how decode steps run, see `knobsweep.models.fast_path` ("auto": the fastest path the
+    family supports on CUDA, the plain "eager" path on CPU); `adapter.inference_path` holds the path chosen.
     """
     import transformers
 
@@ -116,6 +121,10 @@ def load_model(
     adapter_cls = adapter_class_for(config.get("model_type"), path)
     adapter_cls.check_config(config, path)
     _check_safetensors(path)
+    if inference_path not in INFERENCE_PATHS:
+        raise ValueError(
+            f"load_model: inference_path {inference_path!r} is not one of {list(INFERENCE_PATHS)}"
+        )
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"load_model: dtype {dtype!r} is not one of {sorted(DTYPES)}")
@@ -137,4 +146,6 @@ def load_model(
     processor = transformers.AutoProcessor.from_pretrained(
         path, local_files_only=True, trust_remote_code=trust_remote_code
     )
-    return adapter_cls(model, processor, path)
+    adapter = adapter_cls(model, processor, path)
+    adapter.set_inference_path(inference_path)
+    return adapter

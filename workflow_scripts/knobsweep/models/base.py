@@ -22,6 +22,12 @@ vision_tokens
     A target T. `resize_for_tokens` resizes the image so the processor gives the largest token grid with at
     most T tokens whose aspect ratio is within `aspect_tolerance` of the image's; the processor is then given
     an image it does not resize again, and the actual count is read back from its output.
+
+Inference paths
+---------------
+`set_inference_path` (or `load_model(..., inference_path=...)`) chooses how the decode steps run: the plain
+DynamicCache loop (`eager`) or a static KV cache, optionally replayed from a CUDA graph and with fused decode
+kernels (`fast_path.py`). The knobs, the prefill and the stage timings mean the same on every path.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import inspect
 import math
 import numbers
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -39,6 +45,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from knobsweep.models.fast_path import FastDecoding, resolve_inference_path
 from knobsweep.timing import StageTimer, host_stage
 
 STAGES = ("preprocess", "vision", "prefill", "decode", "ttft", "total")
@@ -204,6 +211,11 @@ class ModelAdapter:
     aspect_tolerance: float = 0.10
     # Text positions kept free of vision tokens when deriving the maximum budget from the context length.
     text_reserve_tokens: int = 256
+    # Inference paths beyond `eager` this family supports (see fast_path.py): decode over a static KV cache
+    # (and CUDA graphs), and the fused Triton decode experts (SiLU-gated experts stored as gate_up_proj
+    # (E, 2I, H) and down_proj (E, H, I), no bias).
+    supports_static_decode: ClassVar[bool] = False
+    supports_fused_decode: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, processor: Any, path: str | Path | None = None) -> None:
         self.model = model
@@ -223,6 +235,9 @@ class ModelAdapter:
         forward_params = inspect.signature(self.model.forward).parameters
         # transformers >= 5.20 calls the cache argument `cache`; 5.17 `past_key_values`.
         self._cache_arg = "cache" if "cache" in forward_params else "past_key_values"
+        self.inference_path: str = "eager"
+        self._fast: FastDecoding | None = None
+        self.logit_log: list[torch.Tensor] | None = None  # diagnostics, see _log_logits
 
     # ---- family hooks -------------------------------------------------------------------------------
     @classmethod
@@ -325,11 +340,22 @@ class ModelAdapter:
         kept_set = set(kept)
         for i in range(self.num_blocks):
             self._layers[i] = self._original_layers[i] if i in kept_set else self._skipped[i]
+        if self._fast is not None and (new_top_k, kept) != (self.top_k, self.active_blocks):
+            self._fast.clear()  # static caches and graphs bake in the skipped blocks and top-k
         self.top_k, self.active_blocks = new_top_k, kept
 
     def reset(self) -> None:
         """Back to the model as loaded: default top-k, every block."""
         self.configure()
+
+    def set_inference_path(self, path: str = "auto") -> str:
+        """Choose how decode steps run (see `fast_path.py`): "eager" (DynamicCache, the plain path), "static",
+        "static_graph", "fused", "fused_graph", or "auto" (the fastest supported path on CUDA, "eager" on
+        CPU). Returns the path chosen. Greedy tokens and knob semantics are the same on every path."""
+        chosen = resolve_inference_path(self, path)
+        self._fast = None if chosen == "eager" else FastDecoding(self, chosen)
+        self.inference_path = chosen
+        return chosen
 
     @contextmanager
     def knobs(
@@ -518,10 +544,13 @@ class ModelAdapter:
     def _greedy(
         self, inputs: dict[str, torch.Tensor], max_new_tokens: int, timer: StageTimer
     ) -> list[list[int]]:
-        timer.mark("prefill_start")  # cache and position set-up are part of the prefill
         model = self.model
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         batch = input_ids.shape[0]
+        # A fast path's decoder (static cache, CUDA graph) is set up before the prefill's clock starts: a
+        # one-off per knob setting and cache length, like loading the model.
+        decoder = self._fast.decoder(inputs, max_new_tokens) if self._fast and max_new_tokens > 1 else None
+        timer.mark("prefill_start")  # cache and position set-up are part of the prefill
         eos = torch.tensor(sorted(self.eos_token_ids()), device=input_ids.device)
         pad = self.pad_token_id()
         cache = self.new_cache()
@@ -536,7 +565,12 @@ class ModelAdapter:
                 logits_to_keep=1,
                 **{self._cache_arg: cache},
             )
-        next_tokens = out.logits[:, -1, :].argmax(dim=-1)
+        logits = out.logits[:, -1, :]
+        self._log_logits(logits)
+        next_tokens = logits.argmax(dim=-1)
+        if decoder is not None:
+            decoder.load_prefill(cache, attention_mask)
+            del cache
         timer.mark("prefill_end")
 
         unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
@@ -544,20 +578,26 @@ class ModelAdapter:
         unfinished &= ~torch.isin(next_tokens, eos)
         last_position = position_ids[..., -1:]
         step = 0
-        while step + 1 < max_new_tokens and bool(unfinished.any()):
-            step += 1
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
-            out = model(
-                input_ids=next_tokens[:, None],
-                attention_mask=attention_mask,
-                position_ids=last_position + step,
-                use_cache=True,
-                **{self._cache_arg: cache},
-            )
-            next_tokens = out.logits[:, -1, :].argmax(dim=-1)
-            next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
-            tokens.append(next_tokens)
-            unfinished &= ~torch.isin(next_tokens, eos)
+        with decoder.kernels() if decoder is not None else nullcontext():
+            while step + 1 < max_new_tokens and bool(unfinished.any()):
+                step += 1
+                if decoder is not None:
+                    logits = decoder.step(next_tokens, last_position + step, step)
+                else:
+                    attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+                    out = model(
+                        input_ids=next_tokens[:, None],
+                        attention_mask=attention_mask,
+                        position_ids=last_position + step,
+                        use_cache=True,
+                        **{self._cache_arg: cache},
+                    )
+                    logits = out.logits[:, -1, :]
+                self._log_logits(logits)
+                next_tokens = logits.argmax(dim=-1)
+                next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
+                tokens.append(next_tokens)
+                unfinished &= ~torch.isin(next_tokens, eos)
         timer.mark("decode_end")
 
         all_tokens = torch.stack(tokens, dim=1).tolist()
@@ -571,3 +611,8 @@ class ModelAdapter:
                     break
             generated.append(ids)
         return generated
+
+    def _log_logits(self, logits: torch.Tensor) -> None:
+        """Diagnostics (`logit_log` set to a list): every step's logits, float32 on the CPU. Synchronises."""
+        if self.logit_log is not None:
+            self.logit_log.append(logits.detach().float().cpu())

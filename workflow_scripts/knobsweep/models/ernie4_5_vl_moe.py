@@ -19,6 +19,8 @@ class Ernie45VLMoeAdapter(QwenVisionGridAdapter):
     family = "ernie4_5_vl_moe"
     model_types = ("ernie4_5_vl_moe",)
     model_class = "Ernie4_5_VLMoeForConditionalGeneration"
+    supports_static_decode = True
+    supports_fused_decode = True
 
     def text_model(self) -> nn.Module:
         return self.model.model.language_model

@@ -28,6 +28,8 @@ class InternVLMoeAdapter(ModelAdapter):
     family = "internvl"
     model_types = ("internvl",)
     model_class = "InternVLForConditionalGeneration"
+    supports_static_decode = True
+    supports_fused_decode = True
 
     @classmethod
     def check_config(cls, config: dict, path: Path) -> None:

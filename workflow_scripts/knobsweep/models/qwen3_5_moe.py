@@ -6,6 +6,8 @@
 - Skipping a linear-attention block skips its recurrent-state update too: the pruned model simply has no
   such block. No DeepStack.
 - Vision: the Qwen3-VL encoder and processor (one LLM token per 32x32 px).
+- Inference path: `eager` only. The fast paths' static cache holds keys/values but not the Gated DeltaNet
+  recurrent and convolution states the prefill leaves behind (copying those is not implemented).
 """
 
 from __future__ import annotations

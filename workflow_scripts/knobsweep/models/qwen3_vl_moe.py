@@ -58,6 +58,8 @@ class Qwen3VLMoeAdapter(QwenVisionGridAdapter):
     family = "qwen3_vl_moe"
     model_types = ("qwen3_vl_moe",)
     model_class = "Qwen3VLMoeForConditionalGeneration"
+    supports_static_decode = True
+    supports_fused_decode = True
 
     def text_model(self) -> nn.Module:
         return self.model.model.language_model

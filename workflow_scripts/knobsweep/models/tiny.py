@@ -1,8 +1,8 @@
 """Tiny random checkpoints in Hugging Face format, for tests and for trying the workflow without weights.
 
 `build_tiny_checkpoint(out_dir, family=...)` writes config.json, safetensors weights, a processor and a small
-word-level tokenizer of our own (tokenizers WordLevel + Whitespace pre-tokenizer + the family's special tokens
-+ a chat template), so that `knobsweep.models.load_model(out_dir)` works offline (HF_HUB_OFFLINE=1).
+word-level tokenizer of our own (tokenizers WordLevel + Lowercase normaliser + Whitespace pre-tokenizer + the
+family's special tokens + a chat template), so that `knobsweep.models.load_model(out_dir)` works offline (HF_HUB_OFFLINE=1).
 
 Defaults: 24 decoder blocks, 64 experts, top-8 (so the study's seed grids top_k 1..32 and blocks 8..24
 apply), small hidden sizes and `initializer_range=0.3` so that greedy outputs of the random model vary.
@@ -80,7 +80,7 @@ def build_word_tokenizer(
     extra_attributes: dict[str, str] | None = None,
 ):
     """A word-level fast tokenizer: <unk>, then the special tokens, then the default words and `vocabulary`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     words: list[str] = ["<unk>", *special_tokens]
@@ -92,6 +92,8 @@ def build_word_tokenizer(
             seen.add(word)
             words.append(word)
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    # Lower-cased like the vocabulary, so capitalised prompt words ("Answer", "Provide") are known words.
+    backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
     tokenizer = PreTrainedTokenizerFast(

@@ -1,0 +1,310 @@
+"""The fast inference paths (static KV cache, CUDA-graph decode, fused decode kernels) give the plain path's
+greedy tokens under every knob, keep the knobs' references exact, and time the same stages.
+
+On CPU the static-cache paths without graphs (`static`, `fused`) run against the plain DynamicCache path in
+float32. The CUDA-graph paths need a GPU: those tests run with KNOBSWEEP_TEST_DEVICE=cuda.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TEST_DEVICE, make_image
+from knobsweep.models import STAGES, load_model
+from knobsweep.models.fast_path import CACHE_BUCKET, INFERENCE_PATHS, cache_length, resolve_inference_path
+from test_models_knobs import IMAGES, PROMPTS, _strip, pruned_copy
+
+FAMILY = "qwen3_vl_moe"
+# Families with static-cache decode (qwen3_5_moe's linear-attention state is not carried over: eager only).
+FAST_FAMILIES = ("qwen3_vl_moe", "internvl", "ernie4_5_vl_moe")
+CUDA = TEST_DEVICE == "cuda"
+needs_cuda = pytest.mark.skipif(
+    not CUDA, reason="CUDA graphs need a GPU: run with KNOBSWEEP_TEST_DEVICE=cuda on a CUDA machine"
+)
+# Paths compared against the plain one on this device.
+FAST_PATHS = ["static", "fused"] + (["static_graph", "fused_graph"] if CUDA else [])
+KNOB_SETTINGS = [
+    {},
+    {"top_k": 1},
+    {"top_k": 3},
+    {"active_blocks": [1, 2, 3, 4, 5]},  # block 0 skipped
+    {"active_blocks": [2, 5]},  # block 0, the DeepStack depth 1 and middle blocks skipped
+    {"top_k": 2, "active_blocks": [0, 3, 4]},
+]
+VISION_TOKENS = 24
+NEW_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def family_adapters(tiny_checkpoints) -> dict:
+    """family -> {path -> a float32 adapter on TEST_DEVICE using that inference path}, loaded lazily."""
+
+    class Adapters(dict):
+        def __missing__(self, family):
+            path = tiny_checkpoints[family]
+            self[family] = {
+                name: load_model(path, device=TEST_DEVICE, dtype="float32", inference_path=name)
+                for name in ["eager", *FAST_PATHS]
+            }
+            return self[family]
+
+    return Adapters()
+
+
+@pytest.fixture(params=FAST_FAMILIES)
+def adapters(request, family_adapters) -> dict:
+    """path -> adapter for one family; every adapter is reset after the test."""
+    out = family_adapters[request.param]
+    yield out
+    for adapter in out.values():
+        adapter.reset()
+        adapter.logit_log = None
+
+
+def _run(adapter, knobs: dict, n: int = 1, new_tokens: int = NEW_TOKENS):
+    """Token ids of each request and every step's logits (batch of n when n > 1)."""
+    adapter.configure(**knobs)
+    adapter.logit_log = []
+    images = [make_image(w, h, seed) for w, h, seed in IMAGES[:n]]
+    if n == 1:
+        results = [
+            adapter.generate(images[0], PROMPTS[0], vision_tokens=VISION_TOKENS, max_new_tokens=new_tokens)
+        ]
+    else:
+        results = adapter.generate_batch(
+            images, PROMPTS[:n], vision_tokens=VISION_TOKENS, max_new_tokens=new_tokens
+        )
+    logits, adapter.logit_log = adapter.logit_log, None
+    return [r.token_ids for r in results], logits, results
+
+
+@pytest.mark.parametrize("path", FAST_PATHS)
+@pytest.mark.parametrize(
+    "knobs", KNOB_SETTINGS, ids=lambda k: "-".join(f"{a}{b}" for a, b in k.items()) or "default"
+)
+def test_fast_path_gives_the_plain_paths_tokens_and_logits(adapters, path, knobs):
+    expected, expected_logits, _ = _run(adapters["eager"], knobs)
+    got, got_logits, _ = _run(adapters[path], knobs)
+    assert got == expected
+    assert len(got_logits) == len(expected_logits) >= 2
+    # The prefill is the plain path's own forward: identical (on CUDA up to atomics in scatter-adds).
+    # Decode steps: other kernels and cache lengths, float32 rounding only.
+    if CUDA:
+        torch.testing.assert_close(got_logits[0], expected_logits[0], rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(got_logits[0], expected_logits[0])
+    tol = 1e-3 if CUDA else 1e-4
+    for step, (a, b) in enumerate(zip(got_logits, expected_logits)):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=f"{path} {knobs}: step {step}")
+
+
+@pytest.mark.parametrize("path", FAST_PATHS)
+def test_left_padded_batch_equals_plain_path(adapters, path):
+    knobs = {"top_k": 2, "active_blocks": [1, 3, 4, 5]}
+    expected, _, _ = _run(adapters["eager"], knobs, n=3)
+    got, _, results = _run(adapters[path], knobs, n=3)
+    assert got == expected
+    assert len({r.prompt_tokens for r in results}) > 1, "the batch should need padding"
+
+
+@pytest.mark.parametrize("path", FAST_PATHS)
+def test_skipped_blocks_equal_pruned_copy_on_fast_path(adapters, path):
+    """The masked model on the fast path decodes like a physically pruned copy (transformers' generate)."""
+    adapter = adapters[path]
+    kept = [2, 5]
+    reference = pruned_copy(adapter, kept)
+    images = [make_image(w, h, seed) for w, h, seed in IMAGES]
+    inputs = adapter.move_inputs(adapter.prepare_inputs(images, PROMPTS, VISION_TOKENS))
+    expected = reference.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    expected = expected[:, inputs["input_ids"].shape[1] :]
+    adapter.configure(active_blocks=kept)
+    ours = adapter.generate_batch(images, PROMPTS, vision_tokens=VISION_TOKENS, max_new_tokens=NEW_TOKENS)
+    assert [r.token_ids for r in ours] == [_strip(row.tolist(), adapter) for row in expected]
+
+
+@pytest.mark.parametrize("path", FAST_PATHS)
+@pytest.mark.parametrize("top_k", [1, 4])
+def test_runtime_top_k_equals_model_built_with_it_on_fast_path(adapters, path, top_k):
+    adapter = adapters[path]
+    config = copy.deepcopy(adapter.model.config)
+    config.get_text_config(decoder=True).num_experts_per_tok = top_k
+    built = type(adapter.model)(config).to(adapter.device).eval()
+    built.load_state_dict(adapter.model.state_dict())
+    built.generation_config = adapter.model.generation_config
+    images = [make_image(w, h, seed) for w, h, seed in IMAGES[:2]]
+    inputs = adapter.move_inputs(adapter.prepare_inputs(images, PROMPTS[:2], VISION_TOKENS))
+    expected = built.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)[
+        :, inputs["input_ids"].shape[1] :
+    ]
+    adapter.configure(top_k=top_k)
+    results = adapter.generate_batch(
+        images, PROMPTS[:2], vision_tokens=VISION_TOKENS, max_new_tokens=NEW_TOKENS
+    )
+    assert [r.token_ids for r in results] == [_strip(row.tolist(), adapter) for row in expected]
+
+
+@pytest.mark.parametrize("path", FAST_PATHS)
+def test_knob_changes_rebuild_decoders_and_keep_tokens(adapters, path):
+    """Decoders (static caches, graphs) are reused within a setting and rebuilt after each knob change:
+    switching A -> B -> A gives A's tokens again, B's equal the plain path's."""
+    adapter = adapters[path]
+    a, b = {"top_k": 2}, {"top_k": 5, "active_blocks": [0, 1, 4]}
+    first, _, _ = _run(adapter, a)
+    decoders = dict(adapter._fast.decoders)
+    assert len(decoders) == 1
+    again, _, _ = _run(adapter, a)  # same knobs: configure() keeps the decoder
+    assert again == first and adapter._fast.decoders == decoders
+    other, _, _ = _run(adapter, b)
+    assert all(d not in decoders.values() for d in adapter._fast.decoders.values())
+    expected_other, _, _ = _run(adapters["eager"], b)
+    assert other == expected_other
+    back, _, _ = _run(adapter, a)
+    assert back == first
+
+
+@pytest.mark.parametrize("path", FAST_PATHS)
+def test_timings_and_fields_on_fast_path(adapters, path):
+    _, _, (result,) = _run(adapters[path], {"top_k": 2}, new_tokens=6)
+    _, _, (plain,) = _run(adapters["eager"], {"top_k": 2}, new_tokens=6)
+    assert (result.text, result.vision_tokens, result.prompt_tokens, result.output_tokens) == (
+        plain.text,
+        plain.vision_tokens,
+        plain.prompt_tokens,
+        plain.output_tokens,
+    )
+    t = result.timings_ms
+    assert set(t) == set(STAGES)
+    assert all(v >= 0 for v in t.values()) and t["vision"] > 0 and t["prefill"] > 0
+    assert t["ttft"] == pytest.approx(t["preprocess"] + t["vision"] + t["prefill"])
+    assert t["total"] == pytest.approx(t["ttft"] + t["decode"])
+    if result.output_tokens > 1:
+        assert t["decode"] > 0
+
+
+def test_one_token_and_long_answers_use_the_right_cache_length(adapters):
+    adapter = adapters["static"]
+    one, _, (r1,) = _run(adapter, {}, new_tokens=1)
+    expected_one, _, _ = _run(adapters["eager"], {}, new_tokens=1)
+    assert one == expected_one and r1.output_tokens == 1
+    # A request longer than one bucket gets a decoder with a longer cache, same tokens as the plain path.
+    long_new = CACHE_BUCKET + 5
+    got, _, (r2,) = _run(adapter, {"top_k": 1}, new_tokens=long_new)
+    expected, _, _ = _run(adapters["eager"], {"top_k": 1}, new_tokens=long_new)
+    assert got == expected
+    assert {key[1] for key in adapter._fast.decoders} == {cache_length(r2.prompt_tokens, long_new)}
+
+
+def test_cache_length_buckets():
+    assert cache_length(1, 1) == CACHE_BUCKET
+    assert cache_length(CACHE_BUCKET - 10, 10) == CACHE_BUCKET
+    assert cache_length(CACHE_BUCKET - 10, 11) == 2 * CACHE_BUCKET
+    assert cache_length(1898, 32) == 2048
+
+
+def test_auto_and_invalid_paths(tiny_checkpoints, tiny_adapters):
+    adapter = tiny_adapters[FAMILY]
+    assert {"auto", "eager", "static", "static_graph", "fused", "fused_graph"} <= set(INFERENCE_PATHS)
+    if CUDA:
+        assert resolve_inference_path(adapter, "auto") == "eager"  # until the graph paths pass on a GPU
+    else:
+        # On CPU auto is the plain path (graphs do not exist there), and graph paths are refused.
+        assert resolve_inference_path(adapter, "auto") == "eager"
+        assert adapter.inference_path == "eager"
+        with pytest.raises(ValueError, match="needs a CUDA device"):
+            adapter.set_inference_path("static_graph")
+    with pytest.raises(ValueError, match="inference_path='bogus' is not one of"):
+        adapter.set_inference_path("bogus")
+    with pytest.raises(ValueError, match="inference_path 'bogus' is not one of"):
+        load_model(tiny_checkpoints[FAMILY], inference_path="bogus")
+    # Families whose static-cache decode is not implemented run the plain path under auto and refuse others.
+    other = tiny_adapters["qwen3_5_moe"]
+    assert resolve_inference_path(other, "auto") == "eager"
+    with pytest.raises(ValueError, match="supports only 'eager'"):
+        other.set_inference_path("static")
+    assert other.inference_path == "eager"
+
+
+@needs_cuda
+def test_graph_paths_capture_once_per_setting_and_length(adapters):
+    for path in ("static_graph", "fused_graph"):
+        adapter = adapters[path]
+        _run(adapter, {"top_k": 2})
+        (decoder,) = adapter._fast.decoders.values()
+        assert decoder.graph is not None
+        graph = decoder.graph
+        _run(adapter, {"top_k": 2})
+        assert next(iter(adapter._fast.decoders.values())).graph is graph
+
+
+@pytest.mark.slow
+def test_fused_path_runs_the_triton_kernels_exactly_in_the_interpreter(tiny_checkpoints):
+    """The fused decode path with the real Triton kernels (Triton's CPU interpreter, float32) gives the plain
+    path's tokens; a subprocess because TRITON_INTERPRET must be set before Triton is imported (~30 s)."""
+    pytest.importorskip("triton", reason="the fused decode kernels need the triton package")
+    script = textwrap.dedent("""
+        import sys
+        import torch
+        torch.set_num_threads(1)
+        sys.path.insert(0, sys.argv[2])
+        from conftest import make_image
+        from knobsweep.models import fused_moe, load_model
+        calls = {"triton": 0}
+        original = fused_moe.moe_fused
+        def counted(*args):
+            calls["triton"] += 1
+            return original(*args)
+        fused_moe.moe_fused = counted
+        tokens = {}
+        for path in ("eager", "fused"):
+            adapter = load_model(sys.argv[1], dtype="float32", inference_path=path)
+            adapter.configure(top_k=3, active_blocks=[1, 2, 4])
+            result = adapter.generate(make_image(64, 48, 1), "What color is the circle?", vision_tokens=16,
+                                      max_new_tokens=5)
+            tokens[path] = result.token_ids
+        print(tokens, calls)
+        assert calls["triton"] > 0, "the Triton kernels did not run"
+        assert tokens["fused"] == tokens["eager"], tokens
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tiny_checkpoints[FAMILY]), str(Path(__file__).parent)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None,
+    reason="torch.compile on CPU (inductor) needs a C++ compiler",
+)
+def test_regional_compile_path_gives_the_plain_paths_tokens(tiny_checkpoints):
+    """`fused_regional` (norms, MoE blocks and rope compiled once for all blocks) equals the plain path, also
+    after a skip-set change (no recompile) and a top-k change (recompile); ~30 s with a cold inductor cache."""
+    from torch._dynamo.utils import counters
+
+    path = "fused_regional_graph" if CUDA else "fused_regional"
+    eager = load_model(tiny_checkpoints[FAMILY], device=TEST_DEVICE, dtype="float32", inference_path="eager")
+    regional = load_model(tiny_checkpoints[FAMILY], device=TEST_DEVICE, dtype="float32", inference_path=path)
+    counters.clear()
+    for knobs in ({"top_k": 2}, {"top_k": 2, "active_blocks": [1, 2, 4, 5]}, {"top_k": 5}):
+        expected, expected_logits, _ = _run(eager, knobs)
+        got, got_logits, _ = _run(regional, knobs)
+        assert got == expected, knobs
+        for a, b in zip(got_logits, expected_logits):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    assert counters["stats"]["calls_captured"] > 0, "nothing was compiled"
+    # RMSNorm shapes, the MoE block per top-k, rope: shared by all 6 blocks.
+    assert counters["stats"]["unique_graphs"] <= 8
