@@ -123,3 +123,42 @@ def test_degenerate_run_like_ci(tmp_path):
     coupling = json.loads(f["coupling"].read_text())
     assert {q["verdict"] for q in coupling["questions"].values()} == {"inconclusive"}
     assert all(p.stat().st_size > 5_000 for p in figures.values())
+
+
+def test_pareto_labels_never_overlap_where_frontier_points_crowd(tmp_path, monkeypatch):
+    """Twelve frontier points, eight of them crowded into the low-latency corner: the labels drawn must not
+    overlap (measured on the rendered text), and the ends of the frontier keep theirs."""
+    import numpy as np
+    import pandas as pd
+    from knobsweep.plots import figures
+
+    latency = np.r_[np.linspace(10.0, 11.4, 8), [40.0, 70.0, 100.0, 130.0]]
+    quality = np.r_[np.linspace(0.20, 0.22, 8), [0.45, 0.60, 0.70, 0.75]]
+    points = [
+        {
+            "vision_tokens": 36 * (1 + i % 3),
+            "top_k": 2 ** (i % 4),
+            "active_blocks": 8 + i,
+            "quality": q,
+            "latency_p95_ms": t,
+        }
+        for i, (t, q) in enumerate(zip(latency, quality))
+    ]
+    cells = pd.DataFrame(points).assign(workload="qa", quality_metric="vqa_accuracy")
+    frontiers = {
+        "frontiers": [{"workload": "qa", "cost": "latency_p95_ms", "benefit": "quality", "points": points}]
+    }
+    saved = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: saved.append(fig))
+    figures.pareto_figure(cells, frontiers, "qa", tmp_path / "p.png")
+    (fig,) = saved
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    labels = [t for t in ax.texts if "/" in t.get_text()]
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    assert 2 <= len(labels) < len(points)
+    for i in range(len(boxes)):
+        for j in range(i + 1, len(boxes)):
+            assert not boxes[i].overlaps(boxes[j]), (labels[i].get_text(), labels[j].get_text())
+    texts = {t.get_text().split(" ")[0] for t in labels}
+    assert "36/1/8" in texts and f"{36 * (1 + 11 % 3)}/{2 ** (11 % 4)}/19" in texts

@@ -31,6 +31,10 @@ MAX_COLS = 4
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "p"]
 
 
+# Rough size of a frontier point's label ("576/8/24 (97%)" at 6.5 pt) in points, for skipping overlaps.
+LABEL_WIDTH_PT, LABEL_HEIGHT_PT = 55.0, 9.0
+
+
 def _num(x: Any, fmt: str = ".2f") -> str:
     """Format a number from a JSON output; null (NaN) prints as n/a."""
     return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, fmt)
@@ -130,11 +134,18 @@ def pareto_figure(
             capsize=1.5,
             zorder=4,
         )
-    # Label at most about ten frontier points (evenly spaced along it) so the labels stay legible.
+    # Label at most about ten frontier points (evenly spaced along it), and none whose label would overlap
+    # one already placed (frontier points crowd at the low-latency corner), so the labels stay legible.
     step = max(1, int(np.ceil(len(front) / 10)))
+    placed: list[np.ndarray] = []
+    width, height = (size * ax.figure.dpi / 72 for size in (LABEL_WIDTH_PT, LABEL_HEIGHT_PT))  # in pixels
     for i, (_, r) in enumerate(front.iterrows()):
         if i % step and i != len(front) - 1:
             continue
+        at = ax.transData.transform((r[PRIMARY_LATENCY], r["quality"]))  # display pixels
+        if any(abs(at[0] - p[0]) < width and abs(at[1] - p[1]) < height for p in placed):
+            continue
+        placed.append(at)
         label = f"{int(r['vision_tokens'])}/{int(r['top_k'])}/{int(r['active_blocks'])}"
         if "p_on_frontier" in r and pd.notna(r["p_on_frontier"]):
             label += f" ({r['p_on_frontier']:.0%})"
