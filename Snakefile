@@ -24,3 +24,13 @@ rule all:
     default_target: True
     input:
         get_final_output(),
+
+
+# The run's model worker (inference.model_worker) holds the model: let it go when the run ends. A killed
+# run's worker exits on its own after inference.worker_idle_s.
+onsuccess:
+    shutdown_model_workers()
+
+
+onerror:
+    shutdown_model_workers()

@@ -12,6 +12,7 @@ from snakemake.utils import validate
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow_scripts"))
 
 from knobsweep import config as ks_config
+from knobsweep import worker as ks_worker
 from knobsweep.cells import INFERENCE_CODE_VERSION
 from knobsweep.knobs import (
     KnobSetting,
@@ -71,6 +72,7 @@ def runtime_spec():
         "device": model["device"].split(":")[0],
         "attn_implementation": model["attn_implementation"],
         "experts_implementation": model["experts_implementation"],
+        "inference_path": model["inference_path"],
         "trust_remote_code": model["trust_remote_code"],
     }
 
@@ -242,6 +244,16 @@ def dense_spec():
         "latency": config["cells"]["dense"]["latency"],
         "workloads": WORKLOADS,
     }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model worker
+
+
+def shutdown_model_workers():
+    # Fast and never raises; a busy or unreachable worker exits after its idle time.
+    if config["inference"]["model_worker"]:
+        ks_worker.shutdown_workers()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -91,6 +91,32 @@ def test_run_cell_resets_the_adapter_on_failure(manifest):
     assert adapter.resets == 1
 
 
+@pytest.mark.parametrize("stop_after", [0, 1, 3])  # before warm-up, in warm-up, between measured samples
+def test_run_cell_stops_between_samples_when_asked(manifest, stop_after):
+    # What a model worker does when its client is gone: stop before the next sample, reset the knobs.
+    adapter = FakeAdapter()
+    polls = []
+
+    def should_stop():
+        polls.append(len(adapter.calls))
+        return len(adapter.calls) >= stop_after
+
+    with pytest.raises(cells.Abandoned, match="qa vt32_k2_b1: abandoned"):
+        cells.run_cell(
+            adapter,
+            manifest,
+            KnobSetting(32, 2, 1),
+            (0,),
+            workload="qa",
+            max_new_tokens=2,
+            warmup=2,
+            should_stop=should_stop,
+        )
+    assert len(adapter.calls) == stop_after  # not one sample more
+    assert polls == list(range(stop_after + 1))  # polled before every sample
+    assert adapter.resets == 1
+
+
 def test_run_cell_rejects_wrong_block_count(manifest):
     with pytest.raises(ValueError, match="2 kept blocks given for active_blocks=3"):
         cells.run_cell(

@@ -6,6 +6,8 @@ that two runs give bitwise identical predictions and quality on CPU.
 
 Snakemake runs the repository's Snakefile in temporary working directories, on tests/configs/tiny.yaml cut
 down to one workload, two cells and ten samples; the targets are the scored shards (analysis excluded).
+The model worker is on (the default): the samples run in the worker, the killed process is the cell job
+(its client), and the worker must abandon the cell at once and, after a killed run, exit on its own.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ TINY = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
 CELLS = ["vt16_k1_b2", "vt32_k2_b4"]
 KILLED = "vt32_k2_b4"
 N_EVAL = 10
+WORKER_IDLE_S = 5
 RESULTS = "results/tiny"
 TARGETS = [f"{RESULTS}/scored/qa/{cell}.parquet" for cell in CELLS]
 # Compared bitwise between runs: everything but the timings.
@@ -51,7 +54,8 @@ def make_config() -> dict:
     config = copy.deepcopy(TINY)
     config["workloads"] = {"qa": {**TINY["workloads"]["qa"], "n_eval": N_EVAL, "n_calibration": 2}}
     config["cells"] = {"mode": "list", "list": CELLS}
-    config["inference"] = {"warmup": 1, "progress_every_s": 0.01}  # a progress line per sample
+    # A progress line per sample; the model worker (on by default) idles out soon after a killed run.
+    config["inference"] = {"warmup": 1, "progress_every_s": 0.01, "worker_idle_s": WORKER_IDLE_S}
     return config
 
 
@@ -155,6 +159,39 @@ def wait_mid_samples(process: subprocess.Popen, workdir: Path) -> int:
     raise AssertionError("the cell never started its samples")
 
 
+def run_processes(workdir: Path) -> list[int]:
+    """Live processes of a run: the workflow's (the directory is on their command line) and the model
+    worker (started there)."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "cwd", "status"]):
+        if p.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        cmdline = p.info["cmdline"] or []
+        if str(workdir) in " ".join(cmdline) or (
+            "knobsweep.worker" in cmdline and p.info["cwd"] == str(workdir)
+        ):
+            found.append(p.pid)
+    return found
+
+
+def wait_no_process(workdir: Path, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (found := run_processes(workdir)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return found
+
+
+def wait_abandoned(workdir: Path, since: float) -> float | None:
+    """Seconds from `since` until the model worker's log says it abandoned the killed cell (None: never)."""
+    deadline = since + 60
+    while time.monotonic() < deadline:
+        for log in (workdir / "logs" / "tiny").glob("model_worker_*.log"):
+            if f"qa {KILLED}: abandoned, the client is gone" in log.read_text():
+                return time.monotonic() - since
+        time.sleep(0.05)
+    return None
+
+
 def kill_group(process: subprocess.Popen) -> None:
     os.killpg(process.pid, signal.SIGKILL)
     process.communicate(timeout=60)
@@ -196,11 +233,11 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         steps["run_killed_at_sample"] = wait_mid_samples(process, interrupted)
         steps["cell_jobs_at_run_kill"] = len(cell_job_processes(process))
         kill_group(process)
-        steps["orphans"] = [
-            p.pid
-            for p in psutil.process_iter(["cmdline"])
-            if str(interrupted) in " ".join(p.info["cmdline"] or [])
-        ]
+        killed_at = time.monotonic()
+        # The model worker has its own session and survives the run: it must leave the cell within a
+        # sample (its client is gone) and then exit after its idle time.
+        steps["abandoned_after_s"] = wait_abandoned(interrupted, killed_at)
+        steps["orphans"] = wait_no_process(interrupted, WORKER_IDLE_S + 30)
         steps["cells_after_run_kill"] = cells_present(interrupted)
         # Snakemake's lock of the killed run is still there: a plain run stops at once, asking to unlock.
         steps["locked"] = run(interrupted)
@@ -258,7 +295,10 @@ def test_killed_cell_job_leaves_no_shard_and_only_it_is_planned(runs):
 
 def test_killed_run_leaves_no_shard_and_no_process(runs):
     assert runs["cell_jobs_at_run_kill"] == 1 and runs["run_killed_at_sample"] < N_EVAL  # killed mid-cell
-    assert runs["orphans"] == []  # the job died with the run: it does not keep the GPU busy
+    # The job died with the run; the model worker, in a session of its own, left the cell within a sample
+    # (it does not keep the GPU busy) and then exited after its idle time: no process remains.
+    assert runs["abandoned_after_s"] is not None and runs["abandoned_after_s"] < 10, runs["abandoned_after_s"]
+    assert runs["orphans"] == []
     assert runs["cells_after_run_kill"] == OTHER_CELLS
 
 

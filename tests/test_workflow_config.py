@@ -201,6 +201,8 @@ def test_snakefmt_check_clean():
     snakefmt = str(Path(sys.executable).with_name("snakefmt"))
     files = [REPO / "Snakefile", *sorted((REPO / "rules").glob("*.smk"))]
     unformatted = [
-        f.name for f in files if subprocess.run([snakefmt, "--check", str(f)], check=False, capture_output=True).returncode
+        f.name
+        for f in files
+        if subprocess.run([snakefmt, "--check", str(f)], check=False, capture_output=True).returncode
     ]
     assert unformatted == []

@@ -51,6 +51,16 @@ _STAGES = ("preprocess", "vision", "prefill", "decode", "ttft")
 log = logging.getLogger(__name__)
 
 
+class Abandoned(Exception):
+    """Raised between samples when `should_stop` says the requester is gone (a model worker's client was
+    killed): the cell or importance run stops within one sample and the adapter is reset."""
+
+
+def _check_stop(should_stop: Callable[[], bool] | None, what: str) -> None:
+    if should_stop is not None and should_stop():
+        raise Abandoned(f"{what}: abandoned, the requester is gone")
+
+
 class ProgressLog:
     """Logs samples done, rate and estimated time left, at most every `every_s` seconds (and at the end)."""
 
@@ -95,9 +105,11 @@ def run_cell(
     max_new_tokens: int,
     warmup: int,
     progress_every_s: float = 10.0,
+    should_stop: Callable[[], bool] | None = None,
 ) -> pd.DataFrame:
     """Generate, at batch 1, an answer for every evaluation sample of `manifest` under `setting` with only
-    `kept_blocks` active; `warmup` samples run first with the same knobs and are discarded."""
+    `kept_blocks` active; `warmup` samples run first with the same knobs and are discarded.
+    `should_stop` is polled before every sample; when it returns True the cell raises `Abandoned`."""
     import pandas as pd
 
     if len(kept_blocks) != setting.active_blocks:
@@ -108,10 +120,12 @@ def run_cell(
     eval_rows = manifest[manifest["split"] == "eval"]
     if eval_rows.empty:
         raise ValueError(f"{workload}: the manifest has no evaluation samples")
+    what = f"{workload} {setting.cell_id()}"
     adapter.configure(top_k=setting.top_k, active_blocks=list(kept_blocks))
     try:
         start = time.monotonic()
         for row in warmup_rows(manifest, warmup).itertuples():
+            _check_stop(should_stop, what)
             adapter.generate(
                 load_image(row.image_path),
                 row.prompt,
@@ -119,10 +133,11 @@ def run_cell(
                 max_new_tokens=max_new_tokens,
             )
         warmup_s = time.monotonic() - start
-        progress = ProgressLog(f"{workload} {setting.cell_id()}", len(eval_rows), progress_every_s)
+        progress = ProgressLog(what, len(eval_rows), progress_every_s)
         start = time.monotonic()
         rows = []
         for done, row in enumerate(eval_rows.itertuples(), start=1):
+            _check_stop(should_stop, what)
             result = adapter.generate(
                 load_image(row.image_path),
                 row.prompt,
@@ -203,7 +218,14 @@ def cell_provenance(
     load_s: float | None = None,
     warmup_s: float | None = None,
     samples_s: float | None = None,
+    model_reused: bool = False,
+    client_s: float | None = None,
+    device_label: str | None = None,
+    inference_path: str | None = None,
 ) -> dict[str, Any]:
+    """The shard's provenance. `overhead_s` says how the cell ran (model load, 0.0 when a model worker
+    reused a loaded model; warm-up; samples; the job's wall time end to end) and is not fingerprinted.
+    `device_label` is the device's name when it was read elsewhere (in the model worker)."""
     manifest_sha256 = io.sha256_file(manifest_path)
     importance_sha256 = importance_content_hash(importance_path)
     return {
@@ -211,7 +233,8 @@ def cell_provenance(
         "config_hash": io.sha256_file(Path(model_path, "config.json")),
         "dtype": spec["runtime"]["dtype"],
         "device": device,
-        "device_name": device_name(device),
+        "device_name": device_label if device_label is not None else device_name(device),
+        "inference_path": inference_path,
         "library_versions": io.library_versions(),
         "code_version": {"inference": INFERENCE_CODE_VERSION, "git_commit": io.git_commit()},
         "fingerprint": cell_fingerprint(spec, manifest_sha256, importance_sha256, kept_blocks),
@@ -221,7 +244,13 @@ def cell_provenance(
         "spec": spec,
         "host": platform.node(),
         "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
-        "overhead_s": {"load": load_s, "warmup": warmup_s, "samples": samples_s},
+        "overhead_s": {
+            "load": load_s,
+            "warmup": warmup_s,
+            "samples": samples_s,
+            "model_reused": bool(model_reused),
+            "client_s": client_s,
+        },
     }
 
 
@@ -251,26 +280,10 @@ def check_setting(adapter: Any, setting: KnobSetting) -> None:
         raise ValueError(f"{setting.cell_id()}: " + "; ".join(problems))
 
 
-def run_cell_job(
-    spec: dict[str, Any],
-    *,
-    model_path: str,
-    device: str,
-    manifest_path: str,
-    importance_path: str,
-    out_path: str,
-    progress_every_s: float = 30.0,
-) -> dict[str, Any]:
-    """One cell job: load the model once, select the kept blocks, run the cell, write its shard.
-    Returns the provenance written."""
-    import json
-
-    from knobsweep.knobs import select_blocks
+def load_adapter(runtime: dict[str, Any], *, model_path: str, device: str, what: str) -> tuple[Any, float]:
+    """Load the model of a spec's `runtime` section; returns the adapter and the load time in seconds."""
     from knobsweep.models import load_model
-    from knobsweep.workloads.manifest import read_manifest
 
-    setting = KnobSetting(**spec["knobs"])
-    runtime = spec["runtime"]
     start = time.monotonic()
     adapter = load_model(
         model_path,
@@ -279,9 +292,40 @@ def run_cell_job(
         attn_implementation=runtime["attn_implementation"],
         experts_implementation=runtime["experts_implementation"],
         trust_remote_code=runtime["trust_remote_code"],
+        inference_path=runtime.get("inference_path", "auto"),
     )
     load_s = time.monotonic() - start
-    log.info("%s: model loaded in %.1f s", setting.cell_id(), load_s)
+    log.info("%s: model loaded in %.1f s", what, load_s)
+    return adapter, load_s
+
+
+def reset_random_state() -> None:
+    """Seed torch before each cell or importance run: decoding is greedy, so nothing should draw random
+    numbers, but if anything did, a run in a model worker that ran other tasks before would still match a
+    fresh process."""
+    import torch
+
+    torch.manual_seed(0)
+
+
+def run_loaded_cell(
+    adapter: Any,
+    spec: dict[str, Any],
+    *,
+    manifest_path: str,
+    importance_path: str,
+    progress_every_s: float = 30.0,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[pd.DataFrame, tuple[int, ...]]:
+    """Everything a cell job does with a loaded model: check the knobs against it, select the kept blocks
+    from the importance file, run the cell. Returns the rows (`attrs`: warmup_s, samples_s) and the kept
+    blocks. Shared by the in-process job and the model worker."""
+    import json
+
+    from knobsweep.knobs import select_blocks
+    from knobsweep.workloads.manifest import read_manifest
+
+    setting = KnobSetting(**spec["knobs"])
     check_setting(adapter, setting)
     with open(importance_path) as f:
         importance = json.load(f)
@@ -292,6 +336,7 @@ def run_cell_job(
         )
     kept_blocks = select_blocks(importance["selection_score"], setting.active_blocks, **spec["blocks"])
     manifest = read_manifest(manifest_path)
+    reset_random_state()
     rows = run_cell(
         adapter,
         manifest,
@@ -301,7 +346,31 @@ def run_cell_job(
         max_new_tokens=spec["generation"]["max_new_tokens"],
         warmup=spec["warmup"],
         progress_every_s=progress_every_s,
+        should_stop=should_stop,
     )
+    rows.attrs["inference_path"] = adapter.inference_path  # "auto" resolved for this device
+    return rows, tuple(kept_blocks)
+
+
+def finish_cell(
+    spec: dict[str, Any],
+    rows: pd.DataFrame,
+    kept_blocks: Sequence[int],
+    *,
+    model_path: str,
+    device: str,
+    manifest_path: str,
+    importance_path: str,
+    out_path: str,
+    load_s: float,
+    warmup_s: float,
+    samples_s: float,
+    model_reused: bool,
+    started: float,
+    device_label: str | None = None,
+) -> dict[str, Any]:
+    """Write the cell's shard with its provenance (`started`: time.monotonic() at the job's start).
+    Returns the provenance."""
     provenance = cell_provenance(
         spec,
         model_path=model_path,
@@ -310,17 +379,63 @@ def run_cell_job(
         kept_blocks=kept_blocks,
         device=device,
         load_s=load_s,
-        warmup_s=rows.attrs["warmup_s"],
-        samples_s=rows.attrs["samples_s"],
+        warmup_s=warmup_s,
+        samples_s=samples_s,
+        model_reused=model_reused,
+        client_s=time.monotonic() - started,
+        device_label=device_label,
+        inference_path=rows.attrs.get("inference_path"),
     )
     write_shard(rows, out_path, provenance)
     log.info(
-        "%s: load %.1f s, warm-up %.1f s (%d samples), %d samples in %.1f s",
-        setting.cell_id(),
+        "%s: load %.1f s%s, warm-up %.1f s (%d samples), %d samples in %.1f s, job %.1f s",
+        KnobSetting(**spec["knobs"]).cell_id(),
         load_s,
-        rows.attrs["warmup_s"],
+        " (model reused)" if model_reused else "",
+        warmup_s,
         spec["warmup"],
         len(rows),
-        rows.attrs["samples_s"],
+        samples_s,
+        time.monotonic() - started,
     )
     return provenance
+
+
+def run_cell_job(
+    spec: dict[str, Any],
+    *,
+    model_path: str,
+    device: str,
+    manifest_path: str,
+    importance_path: str,
+    out_path: str,
+    progress_every_s: float = 30.0,
+) -> dict[str, Any]:
+    """One cell job in this process: load the model, select the kept blocks, run the cell, write its
+    shard. Returns the provenance written. (`knobsweep.worker.run_cell_in_worker` does the same with the
+    model kept loaded in a worker process.)"""
+    started = time.monotonic()
+    what = f"{spec['workload']} {KnobSetting(**spec['knobs']).cell_id()}"
+    adapter, load_s = load_adapter(spec["runtime"], model_path=model_path, device=device, what=what)
+    rows, kept_blocks = run_loaded_cell(
+        adapter,
+        spec,
+        manifest_path=manifest_path,
+        importance_path=importance_path,
+        progress_every_s=progress_every_s,
+    )
+    return finish_cell(
+        spec,
+        rows,
+        kept_blocks,
+        model_path=model_path,
+        device=device,
+        manifest_path=manifest_path,
+        importance_path=importance_path,
+        out_path=out_path,
+        load_s=load_s,
+        warmup_s=rows.attrs["warmup_s"],
+        samples_s=rows.attrs["samples_s"],
+        model_reused=False,
+        started=started,
+    )

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from knobsweep.cells import ProgressLog, load_image
+from knobsweep.cells import Abandoned, ProgressLog, load_image
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -56,12 +56,20 @@ def quality(
 
 
 def _predict(
-    adapter: Any, samples: pd.DataFrame, images: list, vision_tokens: int, max_new_tokens: int
+    adapter: Any,
+    samples: pd.DataFrame,
+    images: list,
+    vision_tokens: int,
+    max_new_tokens: int,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[str]:
-    return [
-        adapter.generate(image, prompt, vision_tokens=vision_tokens, max_new_tokens=max_new_tokens).text
-        for image, prompt in zip(images, samples["prompt"])
-    ]
+    predictions = []
+    for image, prompt in zip(images, samples["prompt"]):
+        if should_stop is not None and should_stop():
+            raise Abandoned("importance: abandoned, the requester is gone")
+        result = adapter.generate(image, prompt, vision_tokens=vision_tokens, max_new_tokens=max_new_tokens)
+        predictions.append(result.text)
+    return predictions
 
 
 def block_importance(
@@ -74,8 +82,10 @@ def block_importance(
     max_new_tokens: int,
     vqa_variant: str = "official",
     progress_every_s: float = 10.0,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
-    """Importance of every decoder block on the manifest's calibration samples (see the module docstring)."""
+    """Importance of every decoder block on the manifest's calibration samples (see the module docstring).
+    `should_stop` is polled before every generation (see `knobsweep.cells.run_cell`)."""
     samples = manifest[manifest["split"] == "calibration"].reset_index(drop=True)
     if samples.empty:
         raise ValueError(f"{workload}: the manifest has no calibration samples")
@@ -86,13 +96,13 @@ def block_importance(
     start = time.monotonic()
     try:
         adapter.configure(top_k=top_k, active_blocks=list(range(num_blocks)))
-        baseline_predictions = _predict(adapter, samples, images, vision_tokens, max_new_tokens)
+        baseline_predictions = _predict(adapter, samples, images, vision_tokens, max_new_tokens, should_stop)
         baseline = quality(workload, baseline_predictions, samples, vqa_variant=vqa_variant)
         progress.update(len(samples))
         blocks = []
         for skipped in range(num_blocks):
             adapter.configure(top_k=top_k, active_blocks=[b for b in range(num_blocks) if b != skipped])
-            predictions = _predict(adapter, samples, images, vision_tokens, max_new_tokens)
+            predictions = _predict(adapter, samples, images, vision_tokens, max_new_tokens, should_stop)
             q = quality(workload, predictions, samples, vqa_variant=vqa_variant)
             changed = sum(p != b for p, b in zip(predictions, baseline_predictions)) / len(samples)
             blocks.append(
@@ -131,6 +141,76 @@ def block_importance(
     }
 
 
+def importance_of_loaded(
+    adapter: Any,
+    spec: dict[str, Any],
+    *,
+    manifest_path: str,
+    progress_every_s: float = 30.0,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, Any]:
+    """Everything the importance job does with a loaded model (shared by the in-process job and the model
+    worker): check the vision budget against the model, compute the importance. No provenance yet."""
+    from knobsweep.cells import reset_random_state
+    from knobsweep.workloads.manifest import read_manifest
+
+    settings = spec["importance"]
+    low, high = adapter.vision_token_range()
+    if not low <= settings["vision_tokens"] <= high:
+        raise ValueError(
+            f"importance: vision_tokens={settings['vision_tokens']} outside the model's range {low}..{high}"
+        )
+    reset_random_state()
+    return block_importance(
+        adapter,
+        read_manifest(manifest_path),
+        workload=spec["manifest"]["workload"],
+        vision_tokens=settings["vision_tokens"],
+        top_k=settings["top_k"],
+        max_new_tokens=settings["max_new_tokens"],
+        progress_every_s=progress_every_s,
+        should_stop=should_stop,
+    )
+
+
+def write_importance(
+    result: dict[str, Any],
+    spec: dict[str, Any],
+    *,
+    model_path: str,
+    device: str,
+    manifest_path: str,
+    out_path: str,
+    load_s: float,
+    model_reused: bool,
+    started: float,
+    device_label: str | None = None,
+) -> dict[str, Any]:
+    """Add the provenance to `result` and write it atomically (`started`: time.monotonic() at the job's
+    start; `device_label`: the device's name when read in the model worker)."""
+    from knobsweep import io
+    from knobsweep.cells import INFERENCE_CODE_VERSION, device_name
+
+    manifest_sha256 = io.sha256_file(manifest_path)
+    result["provenance"] = {
+        "model_path": str(model_path),
+        "config_hash": io.sha256_file(f"{model_path}/config.json"),
+        "device_name": device_label if device_label is not None else device_name(device),
+        "library_versions": io.library_versions(),
+        "code_version": {"inference": INFERENCE_CODE_VERSION, "git_commit": io.git_commit()},
+        "manifest_sha256": manifest_sha256,
+        "fingerprint": io.fingerprint({"spec": spec, "manifest_sha256": manifest_sha256}),
+        "spec": spec,
+        "overhead_s": {
+            "load": load_s,
+            "model_reused": bool(model_reused),
+            "client_s": time.monotonic() - started,
+        },
+    }
+    io.write_json_atomic(result, out_path)
+    return result
+
+
 def importance_job(
     spec: dict[str, Any],
     *,
@@ -140,47 +220,24 @@ def importance_job(
     out_path: str,
     progress_every_s: float = 30.0,
 ) -> dict[str, Any]:
-    """The importance job: load the model, compute block importance, write the JSON atomically."""
+    """The importance job in this process: load the model, compute block importance, write the JSON
+    atomically. (`knobsweep.worker.importance_in_worker` does the same in the model worker.)"""
+    from knobsweep.cells import load_adapter
 
-    from knobsweep import io
-    from knobsweep.cells import INFERENCE_CODE_VERSION, device_name
-    from knobsweep.models import load_model
-    from knobsweep.workloads.manifest import read_manifest
-
-    runtime = spec["runtime"]
-    settings = spec["importance"]
-    workload = spec["manifest"]["workload"]
-    adapter = load_model(
-        model_path,
+    started = time.monotonic()
+    what = f"{spec['manifest']['workload']} importance"
+    adapter, load_s = load_adapter(spec["runtime"], model_path=model_path, device=device, what=what)
+    result = importance_of_loaded(
+        adapter, spec, manifest_path=manifest_path, progress_every_s=progress_every_s
+    )
+    return write_importance(
+        result,
+        spec,
+        model_path=model_path,
         device=device,
-        dtype=runtime["dtype"],
-        attn_implementation=runtime["attn_implementation"],
-        experts_implementation=runtime["experts_implementation"],
-        trust_remote_code=runtime["trust_remote_code"],
+        manifest_path=manifest_path,
+        out_path=out_path,
+        load_s=load_s,
+        model_reused=False,
+        started=started,
     )
-    low, high = adapter.vision_token_range()
-    if not low <= settings["vision_tokens"] <= high:
-        raise ValueError(
-            f"importance: vision_tokens={settings['vision_tokens']} outside the model's range {low}..{high}"
-        )
-    result = block_importance(
-        adapter,
-        read_manifest(manifest_path),
-        workload=workload,
-        vision_tokens=settings["vision_tokens"],
-        top_k=settings["top_k"],
-        max_new_tokens=settings["max_new_tokens"],
-        progress_every_s=progress_every_s,
-    )
-    result["provenance"] = {
-        "model_path": str(model_path),
-        "config_hash": io.sha256_file(f"{model_path}/config.json"),
-        "device_name": device_name(device),
-        "library_versions": io.library_versions(),
-        "code_version": {"inference": INFERENCE_CODE_VERSION, "git_commit": io.git_commit()},
-        "manifest_sha256": io.sha256_file(manifest_path),
-        "fingerprint": io.fingerprint({"spec": spec, "manifest_sha256": io.sha256_file(manifest_path)}),
-        "spec": spec,
-    }
-    io.write_json_atomic(result, out_path)
-    return result

@@ -1,16 +1,33 @@
-"""Block importance of one workload on its calibration set (GPU job)."""
+"""Block importance of one workload on its calibration set (GPU job).
 
-import torch
-from knobsweep.importance import importance_job
+With inference.model_worker (the default) the computation runs in the run's model worker and this process
+never imports torch (knobsweep.worker); otherwise the model is loaded here.
+"""
+
 from knobsweep.io import log_to_file
 
 log_to_file(snakemake.log[0])
-torch.set_num_threads(snakemake.threads)
-importance_job(
-    snakemake.params.spec,
-    model_path=snakemake.config["model"]["path"].rstrip("/"),
-    device=snakemake.config["model"]["device"],
-    manifest_path=snakemake.input.manifest,
-    out_path=snakemake.output[0],
-    progress_every_s=snakemake.config["inference"]["progress_every_s"],
-)
+inference = snakemake.config["inference"]
+job = {
+    "model_path": snakemake.config["model"]["path"].rstrip("/"),
+    "device": snakemake.config["model"]["device"],
+    "manifest_path": snakemake.input.manifest,
+    "out_path": snakemake.output[0],
+    "progress_every_s": inference["progress_every_s"],
+}
+if inference["model_worker"]:
+    from knobsweep.worker import importance_in_worker
+
+    importance_in_worker(
+        snakemake.params.spec,
+        **job,
+        threads=snakemake.threads,
+        idle_s=inference["worker_idle_s"],
+        log_dir=f"logs/{snakemake.config['run']}",
+    )
+else:
+    import torch
+    from knobsweep.importance import importance_job
+
+    torch.set_num_threads(snakemake.threads)
+    importance_job(snakemake.params.spec, **job)
