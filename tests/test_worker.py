@@ -146,7 +146,7 @@ def reference(inputs, tmp_path_factory) -> dict[str, pd.DataFrame]:
     for knobs in (CELL_A, CELL_B, CELL_C):
         spec = spec_for(knobs)
         out = root / f"{cells.KnobSetting(**knobs).cell_id()}.parquet"
-        cells.run_cell_job(
+        provenance = cells.run_cell_job(
             spec,
             model_path=inputs["model"],
             device=DEVICE,
@@ -154,6 +154,7 @@ def reference(inputs, tmp_path_factory) -> dict[str, pd.DataFrame]:
             importance_path=inputs["importance"],
             out_path=str(out),
         )
+        assert provenance["inference_path"] == "eager"  # "auto" resolved: the plain path for now
         rows[cells.KnobSetting(**knobs).cell_id()] = pd.read_parquet(out)
     return rows
 
@@ -253,6 +254,8 @@ def test_cells_in_one_worker_equal_fresh_in_process_runs(inputs, reference, work
     assert [p["overhead_s"]["model_reused"] for p in provenances] == [True] * 4
     assert [p["overhead_s"]["load"] for p in provenances] == [0.0] * 4
     assert all(p["overhead_s"]["client_s"] > 0 for p in provenances)
+    # The path that ran ("auto" resolved in the worker; the plain path for now) is recorded.
+    assert [p["inference_path"] for p in provenances] == ["eager"] * 4
     status = only_worker(workdir)
     assert status["tasks"] == 5 and status["model_loaded"]
     log = next((workdir / "logs").glob("model_worker_*.log")).read_text()

@@ -368,6 +368,7 @@ def finish_cell(
     model_reused: bool,
     started: float,
     device_label: str | None = None,
+    inference_path: str | None = None,
 ) -> dict[str, Any]:
     """Write the cell's shard with its provenance (`started`: time.monotonic() at the job's start).
     Returns the provenance."""
@@ -384,7 +385,7 @@ def finish_cell(
         model_reused=model_reused,
         client_s=time.monotonic() - started,
         device_label=device_label,
-        inference_path=rows.attrs.get("inference_path"),
+        inference_path=inference_path,
     )
     write_shard(rows, out_path, provenance)
     log.info(
@@ -438,4 +439,5 @@ def run_cell_job(
         samples_s=rows.attrs["samples_s"],
         model_reused=False,
         started=started,
+        inference_path=rows.attrs["inference_path"],
     )

@@ -334,7 +334,6 @@ def run_cell_in_worker(
         "what": what,
     }
     result = request("cell", payload, what=what, key=key, idle_s=idle_s, log_dir=log_dir)
-    result["rows"].attrs["inference_path"] = result["inference_path"]
     return finish_cell(
         spec,
         result["rows"],
@@ -350,6 +349,7 @@ def run_cell_in_worker(
         model_reused=result["model_reused"],
         started=started,
         device_label=result["device_name"],
+        inference_path=result["inference_path"],
     )
 
 
