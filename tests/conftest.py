@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+# The SLURM executor plugin runs `scontrol show config` whenever Snakemake starts. Where SLURM's client is
+# installed but no controller answers (here and on CI once tests/test_slurm.py has stopped its own), that
+# call waits ~9 s for its timeout, in each of the ~60 Snakemake runs of the local tests. Those tests see an
+# `scontrol` that fails at once; tests/test_slurm.py takes this directory off PATH for its own tests.
+SLURM_SHIM_DIR = tempfile.mkdtemp(prefix="knobsweep-no-slurm-")
+Path(SLURM_SHIM_DIR, "scontrol").write_text("#!/bin/sh\nexit 1\n")
+Path(SLURM_SHIM_DIR, "scontrol").chmod(0o755)
+os.environ["PATH"] = SLURM_SHIM_DIR + os.pathsep + os.environ.get("PATH", "")
+atexit.register(shutil.rmtree, SLURM_SHIM_DIR, ignore_errors=True)
 
 import numpy as np
 import pytest

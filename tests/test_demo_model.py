@@ -150,6 +150,40 @@ def test_one_training_step_on_a_two_block_model(tmp_path):
     assert np.isfinite(row["vision_probe_loss"]) and row["vision_probe_loss"] > 0
 
 
+def test_a_later_stage_starts_from_the_earlier_checkpoint(tmp_path):
+    from safetensors.torch import load_file
+
+    small = {"tokens_per_batch": 256, "max_batch": 4, "workers": 0, "log_every": 1, "vision_tokens": (16,)}
+    two_blocks = {**dm.MODEL_OVERRIDES, "num_blocks": 2}
+    dm.train(
+        tmp_path / "a",
+        dm.TrainConfig(steps=1, warmup_steps=1, model_overrides=two_blocks, **small),
+        device="cpu",
+    )
+    # Zero steps from stage a: the saved weights are stage a's, not a fresh initialisation.
+    cfg = dm.TrainConfig(steps=0, seed=1, init_from=str(tmp_path / "a"), model_overrides=two_blocks, **small)
+    record = dm.train(tmp_path / "b", cfg, device="cpu")
+    assert record["initialised_from"]["segments"][-1]["end_step"] == 1
+
+    def weights(d):
+        out = {}
+        for f in sorted(d.glob("model*.safetensors")):
+            out.update(load_file(f))
+        return out
+
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # A checkpoint of another shape is refused, naming it.
+    three = dm.TrainConfig(
+        steps=0,
+        init_from=str(tmp_path / "a"),
+        model_overrides={**dm.MODEL_OVERRIDES, "num_blocks": 3},
+        **small,
+    )
+    with pytest.raises(ValueError, match="do not match"):
+        dm.train(tmp_path / "c", three, device="cpu")
+
+
 def test_token_labels_mark_the_tokens_that_show_each_object():
     from knobsweep.workloads import synthetic
 

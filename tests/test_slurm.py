@@ -24,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import SLURM_SHIM_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_SCRIPTS = REPO / "tests" / "slurm"
@@ -60,6 +61,15 @@ needs_root_and_apt = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("apt-get") is None,
     reason="installs and starts SLURM from Debian packages: needs root and apt-get",
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def real_slurm_commands():
+    """These tests use the real `scontrol`, not conftest's fast-failing one."""
+    saved = os.environ["PATH"]
+    os.environ["PATH"] = os.pathsep.join(d for d in saved.split(os.pathsep) if d != SLURM_SHIM_DIR)
+    yield
+    os.environ["PATH"] = saved
 
 
 def run_env() -> dict:

@@ -101,6 +101,9 @@ class TrainConfig:
     workers: int = 14
     log_every: int = 25
     time_limit_s: float | None = None  # stop early (and save) after this much training time
+    # Start from the weights of this checkpoint (a fresh optimizer and probe) instead of random weights:
+    # a later training stage. Use another `seed` than the first stage so that the data stream is new.
+    init_from: str | None = None
     model_overrides: dict[str, Any] = field(default_factory=lambda: dict(MODEL_OVERRIDES))
 
 
@@ -364,6 +367,33 @@ def fresh_model(checkpoint_dir: str | Path, seed: int):
     return Qwen3VLMoeForConditionalGeneration(config)
 
 
+def load_weights(model, checkpoint_dir: Path) -> None:
+    """Copy a saved checkpoint's weights (any dtype) into `model`; every tensor must match by name and shape."""
+    from safetensors.torch import load_file
+
+    files = sorted(checkpoint_dir.glob("model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{checkpoint_dir}: no model*.safetensors to initialise from")
+    state = {}
+    for f in files:
+        state.update(load_file(f))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"{checkpoint_dir}: weights do not match the model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    for name, tensor in state.items():
+        if tensor.shape != own[name].shape:
+            raise ValueError(
+                f"{checkpoint_dir}: {name} has shape {tuple(tensor.shape)}, "
+                f"the model {tuple(own[name].shape)}"
+            )
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
 def _bf16_grouped_mm(input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     # transformers casts the input to the fp32 master weight, so experts would run in fp32 under autocast.
     return F.grouped_mm(input.to(torch.bfloat16), weight.to(torch.bfloat16), offs=offs)
@@ -553,7 +583,10 @@ def train(
     )
     del adapter
 
-    model = fresh_model(template, cfg.seed).to(dev)
+    model = fresh_model(template, cfg.seed)
+    if cfg.init_from:
+        load_weights(model, Path(cfg.init_from))
+    model = model.to(dev)
     model.train()
     probe = VisionProbe(model).to(dev)
     params = [*model.named_parameters(), *(("probe." + n, p) for n, p in probe.named_parameters())]
@@ -574,6 +607,10 @@ def train(
         probe.load_state_dict(state["probe"])
         opt.load_state_dict(state["optimizer"])
         start, record = state["step"], state["record"]
+    elif cfg.init_from:
+        earlier = Path(cfg.init_from) / "training_record.json"
+        if earlier.exists():
+            record["initialised_from"] = {"checkpoint": str(cfg.init_from), **json.loads(earlier.read_text())}
     # A resumed run may change the plan (e.g. more steps): each segment records what it ran with.
     record["segments"].append(
         {"start_step": start, "planned_steps": cfg.steps, "time_limit_s": cfg.time_limit_s}
@@ -890,11 +927,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "router_aux_loss_coef",
         "vision_aux_loss_coef",
         "min_lr_ratio",
+        "init_from",
     ):
         value = getattr(defaults, name)
-        t.add_argument(
-            "--" + name.replace("_", "-"), type=type(value) if value is not None else float, default=value
-        )
+        kind = str if name == "init_from" else type(value) if value is not None else float
+        t.add_argument("--" + name.replace("_", "-"), type=kind, default=value)
     t.add_argument(
         "--per-sample-loss",
         dest="per_token_loss",

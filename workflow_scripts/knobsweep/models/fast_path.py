@@ -106,11 +106,14 @@ def resolve_inference_path(adapter: ModelAdapter, requested: str) -> str:
         raise ValueError(f"inference_path={requested!r} is not one of {list(INFERENCE_PATHS)}")
     cuda = adapter.device.type == "cuda"
     if requested == "auto":
-        # Not yet the fast path: on an H200 (2026-11-27, torch 2.11, transformers 5.17) the graphed paths'
-        # equality tests against the plain path failed on the tiny models (40 of 275), although on the
-        # real-size model their greedy tokens agreed except at near-ties. Until those pass on a GPU, the
-        # plain path is the default everywhere and the fast paths are opt-in by name.
-        return "eager"
+        # CPU: the plain path (no graphs; the fused kernels gain little there). CUDA: the fastest path whose
+        # greedy tokens equal the plain path's on every tiny family (tests/test_fast_path.py on an H100).
+        # fused_regional_graph is faster still but compiles per top-k value: opt-in by name.
+        if not cuda or not adapter.supports_static_decode:
+            return "eager"
+        if adapter.supports_fused_decode and triton_available():
+            return "fused_graph"
+        return "static_graph"
     spec = PATHS[requested]
     if spec.graph and not cuda:
         raise ValueError(
@@ -205,13 +208,20 @@ class StaticDecoder:
     def kernels(self) -> Iterator[None]:
         """On fused paths, the fused experts and split-KV attention for the decode steps only (the prefill keeps
         the loaded implementations, so it stays the plain path's)."""
+        config = self.adapter.text_config()
+        saved = (config._experts_implementation, config._attn_implementation)
         if not self.spec.fused:
-            yield
+            # torch's grouped_mm has no float32 CUDA kernel: its fallback reads the group offsets on the host,
+            # which a CUDA graph cannot capture. batched_mm (per-token expert weights) never synchronises.
+            if self.spec.graph and self.adapter.model.dtype == torch.float32 and saved[0] == "grouped_mm":
+                config._experts_implementation = "batched_mm"
+            try:
+                yield
+            finally:
+                config._experts_implementation, config._attn_implementation = saved
             return
         from knobsweep.models import decode_attention, fused_moe
 
-        config = self.adapter.text_config()
-        saved = (config._experts_implementation, config._attn_implementation)
         config._experts_implementation = fused_moe.register()
         config._attn_implementation = decode_attention.register_splitkv()
         if self.regional is not None:

@@ -1,0 +1,586 @@
+"""Per-cell overhead, repeatability and monotonicity of latencies (issue 8), for the lead's GPU run.
+
+On the real-size Qwen3-VL-30B-A3B with random bf16 weights (bench/model.py), driven through the knob engine's
+adapter (`bench.fast_path_check.build_adapter`) on the inference path `auto` (resolved and recorded), cells are
+emulated the way the workflow's model worker runs them (`knobsweep.cells.run_cell`: one loaded model serves many
+cells): per setting and workload, `configure(...)`, the first request (the "setting change": decoder build,
+CUDA-graph capture, first compute), `--warmup` untimed requests, `--n` timed requests, `reset()`.
+
+Parts, each in its own try block; the JSON is rewritten (tmp file + os.replace) after every part and every cell:
+
+- load (run first, while the GPU is empty): the real-width model with only `--load-blocks` decoder blocks is
+  saved as safetensors (+ processor) to a temp dir on local disk and loaded with `knobsweep.models.load_model`;
+  seconds, bytes, GB/s (page cache warm: it was just written) and the full model's bytes / that rate as a lower
+  bound of the full load, amortised over the real config's cells.
+- cells, pass 1 and pass 2: the whole settings list twice (every setting is measured again after the others
+  ran, as two runs of the same cell). Per setting and workload: median, P95, P99, mean of the adapter's
+  CUDA-event `total` and of the wall time; setting-change and warm-up wall s; overhead = setting change +
+  warm-up; cell GPU time = n_eval x mean total; overhead ratio = overhead / cell GPU time (target <= 10 %).
+- repeatability: |P95 pass 2 - P95 pass 1| / P95 pass 1 per setting and workload (target <= 3 %), same for
+  the median.
+- monotonicity: every pair of settings that differ in one knob; the setting with the smaller knob must not be
+  slower (median total, mean of the two passes) by more than the noise = the larger pass-to-pass difference of
+  the two settings' medians.
+
+`qa` requests use max_new_tokens 4, not the config's 16: VQA answers are 1-3 tokens plus end-of-sequence, and a
+random-weight model never stops early, so 16 would time 4x the decode steps a real answer takes. `captioning`
+uses the config's 48 (captions do run that long).
+
+GPU (~5 min; writes $OUT/cell_overhead.json, prints tables):
+    PYTHONUNBUFFERED=1 PYTHONPATH=workflow_scripts python -m bench.cell_overhead
+CPU smoke test (tiny model, seconds):
+    PYTHONPATH=workflow_scripts python -m bench.cell_overhead --tiny --device cpu --n 3 --warmup 1 --out /tmp/co.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from bench.fast_path_check import build_adapter, image, kept
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_CONFIG = ROOT / "config" / "qwen3_vl_30b_a3b.yaml"
+# Default cell first, then its one-knob neighbours (the monotonicity pairs), then two mixed cells: if the
+# budget runs out, what is cut is the least needed.
+SETTINGS = [
+    "vt1872_k8_b48",
+    "vt1872_k8_b24",
+    "vt576_k8_b48",
+    "vt1872_k1_b48",
+    "vt1872_k32_b48",
+    "vt288_k1_b16",
+    "vt576_k4_b24",
+]
+# The same structure on bench's tiny model (6 blocks, 32 experts; vision tokens 16-36).
+TINY_SETTINGS = [
+    "vt36_k8_b6",
+    "vt36_k8_b4",
+    "vt16_k8_b6",
+    "vt36_k1_b6",
+    "vt36_k32_b6",
+    "vt16_k1_b2",
+    "vt16_k4_b4",
+]
+QA_MAX_NEW_TOKENS = 4  # VQA answers are 1-3 tokens + end of sequence (the config allows 16)
+QA_QUESTION = "What color is the bus parked next to the building?"
+OVERHEAD_TARGET = 0.10
+REPEAT_TARGET = 0.03
+
+
+def parse_setting(name: str) -> dict:
+    match = re.fullmatch(r"vt(\d+)_k(\d+)_b(\d+)", name)
+    if not match:
+        raise ValueError(f"--settings: {name!r} is not of the form vt<vision_tokens>_k<top_k>_b<active_blocks>")
+    vt, k, b = (int(g) for g in match.groups())
+    return {"name": name, "vision_tokens": vt, "top_k": k, "active_blocks": b}
+
+
+def real_config(path: Path) -> dict:
+    """The real run's sample counts, cell count and limits, read from its config file."""
+    config = yaml.safe_load(path.read_text())
+    try:
+        workloads = config["workloads"]
+        grid = config["grid"]
+        cells = len(workloads) * int(np.prod([len(grid[k]) for k in ("vision_tokens", "top_k", "active_blocks")]))
+        return {
+            "file": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path),
+            "n_eval": {w: int(workloads[w]["n_eval"]) for w in ("qa", "captioning")},
+            "max_new_tokens_config": {w: int(workloads[w]["max_new_tokens"]) for w in ("qa", "captioning")},
+            "warmup": int(config["inference"]["warmup"]),
+            "cells_per_run": cells,
+        }
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path}: missing field {e} (need workloads.qa/captioning, grid, inference)") from e
+
+
+def stats(values: list[float]) -> dict:
+    a = np.asarray(values, dtype=float)
+    return {
+        "median": float(np.median(a)),
+        "p95": float(np.percentile(a, 95)),
+        "p99": float(np.percentile(a, 99)),
+        "mean": float(a.mean()),
+        "min": float(a.min()),
+        "max": float(a.max()),
+    }
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def free_memory(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------ load
+
+
+def build_partial_checkpoint(tiny: bool, blocks: int, device: str, work: Path) -> Path:
+    """The real-width (or tiny) random model with only `blocks` decoder blocks, saved as safetensors with a
+    tiny checkpoint's processor (as build_adapter does)."""
+    from knobsweep.models.tiny import build_tiny_checkpoint
+    from transformers import AutoProcessor, GenerationConfig
+
+    from bench.model import build_model, make_config
+
+    small = build_tiny_checkpoint(work / "tiny_processor", family="qwen3_vl_moe", seed=0, num_blocks=2)
+    processor = AutoProcessor.from_pretrained(small, local_files_only=True)
+    small_config = json.loads((small / "config.json").read_text())
+    config = make_config(tiny=tiny)
+    for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        setattr(config, key, small_config[key])
+    config.text_config.vocab_size = max(config.text_config.vocab_size, len(processor.tokenizer))
+    config.text_config.num_hidden_layers = blocks
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = build_model(config, device, dtype=dtype)
+    model.generation_config = GenerationConfig.from_pretrained(small, local_files_only=True)
+    out = work / "checkpoint"
+    model.save_pretrained(out)  # safetensors (transformers 5 writes nothing else)
+    processor.save_pretrained(out)
+    del model
+    free_memory(device)
+    return out
+
+
+def full_model_params(tiny: bool, vocab_size: int | None = None) -> int:
+    """Parameters of the full model (all blocks), counted on the meta device."""
+    from transformers import Qwen3VLMoeForConditionalGeneration
+
+    from bench.model import make_config
+
+    config = make_config(tiny=tiny)
+    if vocab_size is not None:
+        config.text_config.vocab_size = max(config.text_config.vocab_size, vocab_size)
+    with torch.device("meta"):
+        model = Qwen3VLMoeForConditionalGeneration(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def measure_load(args, real: dict, log) -> dict:
+    dtype_name = "bfloat16" if args.device == "cuda" else "float32"
+    work = Path(tempfile.mkdtemp(prefix="cell_overhead_load_", dir=args.load_dir))
+    out: dict = {"blocks": args.load_blocks, "dtype": dtype_name, "dir": str(work)}
+    try:
+        t0 = time.monotonic()
+        path = build_partial_checkpoint(args.tiny, args.load_blocks, args.device, work)
+        out["build_and_save_s"] = time.monotonic() - t0
+        files = sorted(path.glob("*.safetensors"))
+        out["bytes"] = sum(f.stat().st_size for f in files)
+        out["files"] = len(files)
+        log(f"load: saved {out['bytes'] / 1e9:.2f} GB in {len(files)} file(s) in {out['build_and_save_s']:.1f} s")
+        sync(args.device)
+        t0 = time.monotonic()
+        try:
+            from knobsweep.models import load_model
+
+            adapter = load_model(path, device=args.device, dtype=dtype_name)
+            out["loader"] = "knobsweep.models.load_model"
+        except Exception as e:  # noqa: BLE001 - fall back to transformers' loader, saying so
+            out["load_model_error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"
+            log(f"load: load_model failed ({type(e).__name__}: {e}); timing from_pretrained instead")
+            from transformers import Qwen3VLMoeForConditionalGeneration
+
+            t0 = time.monotonic()
+            adapter = Qwen3VLMoeForConditionalGeneration.from_pretrained(
+                path, dtype=getattr(torch, dtype_name), device_map=args.device, local_files_only=True
+            )
+            out["loader"] = "Qwen3VLMoeForConditionalGeneration.from_pretrained (load_model failed)"
+        sync(args.device)
+        out["load_s"] = time.monotonic() - t0
+        out["gb_per_s"] = out["bytes"] / out["load_s"] / 1e9
+        del adapter
+        free_memory(args.device)
+        element = 2 if dtype_name == "bfloat16" else 4
+        out["full_model_params"] = full_model_params(args.tiny)
+        out["full_model_bytes"] = out["full_model_params"] * element
+        out["full_load_s_lower_bound"] = out["full_model_bytes"] / out["bytes"] * out["load_s"]
+        out["cells_per_run"] = real["cells_per_run"]
+        out["full_load_s_per_cell"] = out["full_load_s_lower_bound"] / real["cells_per_run"]
+        out["note"] = (
+            "page cache warm (the files were just written): read speed is that of memory, not of disk, so the "
+            "full-model time is a lower bound (fixed costs such as processor loading are scaled with it too)"
+        )
+        log(
+            f"load: {out['load_s']:.2f} s for {out['bytes'] / 1e9:.2f} GB = {out['gb_per_s']:.2f} GB/s; "
+            f"full model {out['full_model_bytes'] / 1e9:.1f} GB -> >= {out['full_load_s_lower_bound']:.1f} s"
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        free_memory(args.device)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ cells
+
+
+def run_cell(adapter, setting: dict, kind: str, args, real: dict, img, device: str) -> dict:
+    """One cell as the workflow's worker runs it: configure, first request, warm-up, timed requests, reset."""
+    max_new = QA_MAX_NEW_TOKENS if kind == "qa" else real["max_new_tokens_config"]["captioning"]
+    prompt = _prompts()[kind]
+    row: dict = {
+        "setting": setting["name"],
+        "vision_tokens": setting["vision_tokens"],
+        "top_k": setting["top_k"],
+        "active_blocks": setting["active_blocks"],
+        "kind": kind,
+        "max_new_tokens": max_new,
+    }
+
+    def request():
+        return adapter.generate(img, prompt, vision_tokens=setting["vision_tokens"], max_new_tokens=max_new)
+
+    start = time.monotonic()
+    try:
+        sync(device)
+        t0 = time.monotonic()
+        adapter.configure(top_k=setting["top_k"], active_blocks=setting["kept"])
+        first = request()
+        sync(device)
+        row["setting_change_s"] = time.monotonic() - t0
+        row["first_request_total_ms"] = first.timings_ms["total"]
+        t0 = time.monotonic()
+        for _ in range(args.warmup):
+            request()
+        sync(device)
+        row["warmup_s"] = time.monotonic() - t0
+        totals, walls, tokens = [], [], []
+        for _ in range(args.n):
+            t0 = time.perf_counter()
+            r = request()
+            sync(device)
+            walls.append((time.perf_counter() - t0) * 1e3)
+            totals.append(r.timings_ms["total"])
+            tokens.append(r.output_tokens)
+        row.update(
+            {
+                "n": args.n,
+                "warmup": args.warmup,
+                "total_ms": [round(x, 3) for x in totals],
+                "wall_ms": [round(x, 3) for x in walls],
+                "output_tokens": tokens,
+                "vision_tokens_actual": r.vision_tokens,
+                "prompt_tokens": r.prompt_tokens,
+                "total": stats(totals),
+                "wall": stats(walls),
+            }
+        )
+        n_eval = real["n_eval"][kind]
+        row["n_eval"] = n_eval
+        row["overhead_s"] = row["setting_change_s"] + row["warmup_s"]
+        row["cell_gpu_s"] = n_eval * row["total"]["mean"] / 1e3
+        row["overhead_ratio"] = row["overhead_s"] / row["cell_gpu_s"]
+    except Exception as e:  # noqa: BLE001 - recorded, the other cells still run
+        row["error"] = f"{type(e).__name__}: {e}"
+        row["traceback"] = traceback.format_exc()[-3000:]
+    finally:
+        adapter.reset()
+        row["cell_wall_s"] = time.monotonic() - start
+    return row
+
+
+def _prompts() -> dict[str, str]:
+    from knobsweep.workloads.prompts import caption_prompt, qa_prompt
+
+    return {"qa": qa_prompt(QA_QUESTION), "captioning": caption_prompt()}
+
+
+# ------------------------------------------------------------------------------------------------ analysis
+
+
+def repeatability(cells: list[dict]) -> list[dict]:
+    by_key = {(c["pass"], c["setting"], c["kind"]): c for c in cells if "total" in c}
+    rows = []
+    for (p, name, kind), one in by_key.items():
+        two = by_key.get((2, name, kind))
+        if p != 1 or two is None:
+            continue
+        a, b = one["total"], two["total"]
+        rows.append(
+            {
+                "setting": name,
+                "kind": kind,
+                "p95_pass1_ms": a["p95"],
+                "p95_pass2_ms": b["p95"],
+                "p95_rel_diff": abs(b["p95"] - a["p95"]) / a["p95"],
+                "median_pass1_ms": a["median"],
+                "median_pass2_ms": b["median"],
+                "median_rel_diff": abs(b["median"] - a["median"]) / a["median"],
+            }
+        )
+    for r in rows:
+        r["p95_within_target"] = r["p95_rel_diff"] <= REPEAT_TARGET
+    return rows
+
+
+KNOBS = ("vision_tokens", "top_k", "active_blocks")
+
+
+def monotonicity(cells: list[dict]) -> list[dict]:
+    """Pairs of settings of one workload that differ in one knob; the smaller knob must not be slower by more
+    than the noise (the larger pass-to-pass difference of the two settings' median totals)."""
+    medians: dict[tuple[str, str], list[float]] = {}
+    knobs: dict[str, dict] = {}
+    for c in cells:
+        if "total" in c:
+            medians.setdefault((c["setting"], c["kind"]), []).append(c["total"]["median"])
+            knobs[c["setting"]] = {k: c[k] for k in KNOBS}
+    rows = []
+    for (small, kind), m_small in medians.items():
+        for (big, kind2), m_big in medians.items():
+            if kind2 != kind or small == big:
+                continue
+            differ = [k for k in KNOBS if knobs[small][k] != knobs[big][k]]
+            if len(differ) != 1 or knobs[small][differ[0]] > knobs[big][differ[0]]:
+                continue
+            noise = max(max(m) - min(m) for m in (m_small, m_big))
+            slower_by = float(np.mean(m_small) - np.mean(m_big))
+            rows.append(
+                {
+                    "kind": kind,
+                    "knob": differ[0],
+                    "smaller": small,
+                    "larger": big,
+                    "median_smaller_ms": float(np.mean(m_small)),
+                    "median_larger_ms": float(np.mean(m_big)),
+                    "noise_ms": noise,
+                    "passes": min(len(m_small), len(m_big)),
+                    "violation": slower_by > noise,
+                }
+            )
+    return rows
+
+
+def load_amortisation(result: dict) -> None:
+    """Per cell: the full model's load time (lower bound) per cell of a run, over that cell's GPU time."""
+    per_cell = result.get("load", {}).get("full_load_s_per_cell")
+    for c in result["cells"]:
+        if per_cell is not None and "cell_gpu_s" in c:
+            c["load_per_cell_ratio"] = per_cell / c["cell_gpu_s"]
+
+
+def print_tables(result: dict) -> None:
+    load = result.get("load", {})
+    if "load_s" in load:
+        print(
+            f"\nload ({load['loader']}): {load['blocks']} blocks, {load['bytes'] / 1e9:.2f} GB in "
+            f"{load['load_s']:.2f} s = {load['gb_per_s']:.2f} GB/s (page cache warm); full model "
+            f"{load['full_model_bytes'] / 1e9:.1f} GB -> >= {load['full_load_s_lower_bound']:.1f} s, "
+            f"{load['full_load_s_per_cell']:.3f} s per cell over {load['cells_per_run']} cells"
+        )
+    print(
+        f"\n{'setting':<16} {'kind':<10} {'pass':>4} {'median':>9} {'P95':>9} {'P99':>9} {'change s':>9} "
+        f"{'warmup s':>9} {'overhead':>9} {'load/cell':>9}"
+    )
+    for c in result.get("cells", []):
+        head = f"{c['setting']:<16} {c['kind']:<10} {c['pass']:>4}"
+        if "total" not in c:
+            print(f"{head} {c.get('error', c.get('skipped', '?'))}")
+            continue
+        t = c["total"]
+        load_ratio = f"{100 * c['load_per_cell_ratio']:8.2f}%" if "load_per_cell_ratio" in c else f"{'-':>9}"
+        print(
+            f"{head} {t['median']:9.1f} {t['p95']:9.1f} {t['p99']:9.1f} {c['setting_change_s']:9.2f} "
+            f"{c['warmup_s']:9.2f} {100 * c['overhead_ratio']:8.2f}% {load_ratio}"
+        )
+    print("(ms: the adapter's CUDA-event total; overhead = (change + warm-up) / (n_eval x mean total))")
+    summary = result.get("summary", {})
+    if result.get("repeatability"):
+        print(f"\nrepeatability (|P95 pass 2 - pass 1| / pass 1, target <= {REPEAT_TARGET:.0%})")
+        for r in result["repeatability"]:
+            print(
+                f"  {r['setting']:<16} {r['kind']:<10} P95 {100 * r['p95_rel_diff']:6.2f}%  "
+                f"median {100 * r['median_rel_diff']:6.2f}%  {'ok' if r['p95_within_target'] else 'OVER'}"
+            )
+    if result.get("monotonicity"):
+        print("\nmonotonicity (smaller knob not slower than larger by more than the pass-to-pass noise)")
+        for m in result["monotonicity"]:
+            print(
+                f"  {m['kind']:<10} {m['smaller']:<16} {m['median_smaller_ms']:9.1f} <= {m['larger']:<16} "
+                f"{m['median_larger_ms']:9.1f} (noise {m['noise_ms']:.2f} ms, {m['passes']} pass(es)) "
+                f"{'VIOLATION' if m['violation'] else 'ok'}"
+            )
+    if summary:
+        print("\nsummary: " + json.dumps(summary))
+
+
+def summarise(result: dict) -> dict:
+    cells = [c for c in result["cells"] if "overhead_ratio" in c]
+    rep, mono = result.get("repeatability", []), result.get("monotonicity", [])
+    return {
+        "cells_measured": len(cells),
+        "cells_skipped_or_failed": len(result["cells"]) - len(cells),
+        "max_overhead_ratio": max((c["overhead_ratio"] for c in cells), default=None),
+        "overhead_within_target": all(c["overhead_ratio"] <= OVERHEAD_TARGET for c in cells) if cells else None,
+        "max_p95_rel_diff": max((r["p95_rel_diff"] for r in rep), default=None),
+        "repeatability_within_target": all(r["p95_within_target"] for r in rep) if rep else None,
+        "monotonicity_pairs": len(mono),
+        "monotonicity_violations": sum(m["violation"] for m in mono),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--out", type=Path, default=Path(os.environ.get("OUT", "bench/results")) / "cell_overhead.json"
+    )
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--tiny", action="store_true", help="bench's tiny config (CPU smoke test of this script)")
+    p.add_argument("--n", type=int, default=30, help="timed requests per cell")
+    p.add_argument("--warmup", type=int, default=5, help="untimed requests after the first (config: 5)")
+    p.add_argument("--budget-s", type=float, default=300.0, help="start no cell that would end after this")
+    p.add_argument("--load-blocks", type=int, default=4, help="decoder blocks of the saved/loaded model")
+    p.add_argument("--load-dir", type=Path, default=None, help="local disk for the load test (default: tmp)")
+    p.add_argument("--skip-load", action="store_true")
+    p.add_argument("--settings", nargs="+", default=None, help="e.g. vt1872_k8_b48 vt288_k1_b16")
+    p.add_argument("--config", type=Path, default=REAL_CONFIG, help="the real run's config (n_eval, grid)")
+    args = p.parse_args(argv)
+    if args.n < 1 or args.warmup < 0 or args.load_blocks < 1:
+        p.error(f"need --n >= 1, --warmup >= 0, --load-blocks >= 1 (got {args.n}, {args.warmup}, {args.load_blocks})")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device visible")
+    settings = [parse_setting(s) for s in (args.settings or (TINY_SETTINGS if args.tiny else SETTINGS))]
+    start = time.monotonic()
+    deadline = start + args.budget_s
+
+    def log(msg: str) -> None:
+        print(f"[{time.monotonic() - start:6.1f}s] {msg}", flush=True)
+
+    real = real_config(args.config)
+    result: dict = {
+        "script": "bench/cell_overhead.py",
+        "date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "real_config": real,
+        "max_new_tokens": {"qa": QA_MAX_NEW_TOKENS, "captioning": real["max_new_tokens_config"]["captioning"]},
+        "targets": {"overhead_ratio": OVERHEAD_TARGET, "p95_rel_diff": REPEAT_TARGET},
+        "cells": [],
+        "errors": [],
+    }
+
+    def save() -> None:
+        result["elapsed_s"] = time.monotonic() - start
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1, default=str))
+        os.replace(tmp, args.out)
+
+    try:
+        import transformers
+
+        result["versions"]["transformers"] = transformers.__version__
+    except Exception as e:  # noqa: BLE001
+        result["errors"].append(f"versions: {type(e).__name__}: {e}")
+
+    torch.manual_seed(0)
+    torch.set_grad_enabled(False)
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+
+    # Load first: the GPU is empty, and the 4-block model fits next to nothing else.
+    if not args.skip_load:
+        log(f"load: {args.load_blocks}-block model -> safetensors -> load_model")
+        try:
+            result["load"] = measure_load(args, real, log)
+        except Exception as e:  # noqa: BLE001
+            result["load"] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
+            log(f"load: {result['load']['error']}")
+        save()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            t0 = time.monotonic()
+            adapter = build_adapter(args.tiny, args.device, Path(tmp))
+            from knobsweep.models.fast_path import resolve_inference_path
+
+            resolved = resolve_inference_path(adapter, "auto")
+            result["inference_path"] = {"requested": "auto", "resolved": adapter.set_inference_path("auto")}
+            assert result["inference_path"]["resolved"] == resolved
+            num_blocks = adapter.num_blocks
+            result["model"] = {
+                "params": sum(p_.numel() for p_ in adapter.model.parameters()),
+                "blocks": num_blocks,
+                "experts": adapter.num_experts,
+                "dtype": str(adapter.dtype),
+                "build_s": time.monotonic() - t0,
+            }
+            log(f"model: {result['model']}, path auto -> {resolved}")
+        except Exception as e:  # noqa: BLE001
+            result["errors"].append(f"model: {type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}")
+            save()
+            print_tables(result)
+            return result
+        for s in settings:
+            s["kept"] = kept(num_blocks, s["active_blocks"])
+        img = image(640, 480, seed=1)  # COCO-sized; the adapter resizes it to the setting's vision tokens
+        durations: dict[tuple[str, str], float] = {}  # (setting, kind) -> wall s of its first pass
+        last: dict[str, float] = {}  # kind -> wall s of the last cell of that kind
+        for pass_ in (1, 2):
+            log(f"pass {pass_}")
+            for s in settings:
+                for kind in ("qa", "captioning"):
+                    # skip a cell that would not end within the budget (estimate: its pass-1 time, or the
+                    # last cell of the same workload)
+                    estimate = durations.get((s["name"], kind), last.get(kind, 0.0))
+                    if time.monotonic() + estimate > deadline:
+                        row = {"pass": pass_, "setting": s["name"], "kind": kind, "skipped": "budget"}
+                        result["cells"].append(row)
+                        log(f"pass {pass_} {s['name']} {kind}: skipped (budget; estimate {estimate:.0f} s)")
+                        continue
+                    row = {"pass": pass_, **run_cell(adapter, s, kind, args, real, img, args.device)}
+                    durations.setdefault((s["name"], kind), row["cell_wall_s"])
+                    last[kind] = row["cell_wall_s"]
+                    result["cells"].append(row)
+                    if "error" in row:
+                        log(f"pass {pass_} {s['name']} {kind}: {row['error']}")
+                    else:
+                        log(
+                            f"pass {pass_} {s['name']} {kind}: median {row['total']['median']:.1f} ms, "
+                            f"P95 {row['total']['p95']:.1f}, change {row['setting_change_s']:.2f} s, "
+                            f"warm-up {row['warmup_s']:.2f} s, overhead {100 * row['overhead_ratio']:.2f}%"
+                        )
+                    save()
+        del adapter
+        free_memory(args.device)
+
+    for name, fn in (("repeatability", repeatability), ("monotonicity", monotonicity)):
+        try:
+            result[name] = fn(result["cells"])
+        except Exception as e:  # noqa: BLE001
+            result["errors"].append(f"{name}: {type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}")
+    try:
+        load_amortisation(result)
+        result["summary"] = summarise(result)
+    except Exception as e:  # noqa: BLE001
+        result["errors"].append(f"summary: {type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}")
+    save()
+    print_tables(result)
+    log(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
