@@ -9,9 +9,10 @@ CUDA-graph capture, first compute), `--warmup` untimed requests, `--n` timed req
 Parts, each in its own try block; the JSON is rewritten (tmp file + os.replace) after every part and every cell:
 
 - load (run first, while the GPU is empty): the real-width model with only `--load-blocks` decoder blocks is
-  saved as safetensors (+ processor) to a temp dir on local disk and loaded with `knobsweep.models.load_model`;
-  seconds, bytes, GB/s (page cache warm: it was just written) and the full model's bytes / that rate as a lower
-  bound of the full load, amortised over the real config's cells.
+  saved as safetensors (+ processor) to a temp dir on local disk and loaded with `knobsweep.models.load_model`
+  twice: after dropping the files from the page cache (posix_fadvise DONTNEED: read from disk; the estimate)
+  and with the page cache warm (the lower bound). Seconds, bytes, GB/s, and the full model's time at that rate,
+  amortised over the real config's cells (`load_per_cell_ratio` per cell).
 - cells, pass 1 and pass 2: the whole settings list twice (every setting is measured again after the others
   ran, as two runs of the same cell). Per setting and workload: median, P95, P99, mean of the adapter's
   CUDA-event `total` and of the wall time; setting-change and warm-up wall s; overhead = setting change +
@@ -23,11 +24,18 @@ Parts, each in its own try block; the JSON is rewritten (tmp file + os.replace) 
   the two settings' medians.
 
 `qa` requests use max_new_tokens 4, not the config's 16: VQA answers are 1-3 tokens plus end-of-sequence, and a
-random-weight model never stops early, so 16 would time 4x the decode steps a real answer takes. `captioning`
-uses the config's 48 (captions do run that long).
+random-weight model does not stop where a real answer would, so 16 would time ~4x the decode steps of a real
+answer. `captioning` uses the config's 48 (captions do run that long). Output lengths are recorded per request;
+monotonicity pairs whose median lengths differ are reported as not comparable.
 
-GPU (~5 min; writes $OUT/cell_overhead.json, prints tables):
-    PYTHONUNBUFFERED=1 PYTHONPATH=workflow_scripts python -m bench.cell_overhead
+Time on an H100/H200 (estimated from bench/results/h200_2026-11-27_fast_path_check.json: ~1.3 s for one qa
+request of each of the 7 default settings, ~3.8 s for one captioning request of each): load part ~40 s, model
+build ~10 s, one pass ~(n + warmup + 1) x 1.3 s + (n_captioning + warmup + 1) x 3.8 s. Cells that would end after
+`--budget-s` are skipped (recorded as such), so fit n to the budget:
+    # ~4.5 min
+    PYTHONUNBUFFERED=1 PYTHONPATH=workflow_scripts python -m bench.cell_overhead --n 20 --n-captioning 10
+    # the defaults (n = 30 for both workloads) need ~7.5 min: add --budget-s 480
+
 CPU smoke test (tiny model, seconds):
     PYTHONPATH=workflow_scripts python -m bench.cell_overhead --tiny --device cpu --n 3 --warmup 1 --out /tmp/co.json
 """
@@ -85,7 +93,9 @@ REPEAT_TARGET = 0.03
 def parse_setting(name: str) -> dict:
     match = re.fullmatch(r"vt(\d+)_k(\d+)_b(\d+)", name)
     if not match:
-        raise ValueError(f"--settings: {name!r} is not of the form vt<vision_tokens>_k<top_k>_b<active_blocks>")
+        raise ValueError(
+            f"--settings: {name!r} is not of the form vt<vision_tokens>_k<top_k>_b<active_blocks>"
+        )
     vt, k, b = (int(g) for g in match.groups())
     return {"name": name, "vision_tokens": vt, "top_k": k, "active_blocks": b}
 
@@ -96,7 +106,9 @@ def real_config(path: Path) -> dict:
     try:
         workloads = config["workloads"]
         grid = config["grid"]
-        cells = len(workloads) * int(np.prod([len(grid[k]) for k in ("vision_tokens", "top_k", "active_blocks")]))
+        cells = len(workloads) * int(
+            np.prod([len(grid[k]) for k in ("vision_tokens", "top_k", "active_blocks")])
+        )
         return {
             "file": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path),
             "n_eval": {w: int(workloads[w]["n_eval"]) for w in ("qa", "captioning")},
@@ -175,6 +187,48 @@ def full_model_params(tiny: bool, vocab_size: int | None = None) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def evict_from_page_cache(files: list[Path]) -> bool:
+    """Write the files out and ask the kernel to drop their cached pages (no root needed), so that the next
+    read comes from disk. False where posix_fadvise does not exist."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
+
+
+def time_load(path: Path, device: str, dtype_name: str, log) -> dict:
+    """Seconds of knobsweep.models.load_model (or, if it refuses the checkpoint, of from_pretrained)."""
+    run: dict = {}
+    sync(device)
+    t0 = time.monotonic()
+    try:
+        from knobsweep.models import load_model
+
+        loaded = load_model(path, device=device, dtype=dtype_name)
+        run["loader"] = "knobsweep.models.load_model"
+    except Exception as e:  # noqa: BLE001 - fall back to transformers' loader, saying so
+        run["load_model_error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"
+        log(f"load: load_model failed ({type(e).__name__}: {e}); timing from_pretrained instead")
+        from transformers import Qwen3VLMoeForConditionalGeneration
+
+        t0 = time.monotonic()
+        loaded = Qwen3VLMoeForConditionalGeneration.from_pretrained(
+            path, dtype=getattr(torch, dtype_name), device_map=device, local_files_only=True
+        )
+        run["loader"] = "Qwen3VLMoeForConditionalGeneration.from_pretrained (load_model failed)"
+    sync(device)
+    run["load_s"] = time.monotonic() - t0
+    del loaded
+    free_memory(device)
+    return run
+
+
 def measure_load(args, real: dict, log) -> dict:
     dtype_name = "bfloat16" if args.device == "cuda" else "float32"
     work = Path(tempfile.mkdtemp(prefix="cell_overhead_load_", dir=args.load_dir))
@@ -186,42 +240,39 @@ def measure_load(args, real: dict, log) -> dict:
         files = sorted(path.glob("*.safetensors"))
         out["bytes"] = sum(f.stat().st_size for f in files)
         out["files"] = len(files)
-        log(f"load: saved {out['bytes'] / 1e9:.2f} GB in {len(files)} file(s) in {out['build_and_save_s']:.1f} s")
-        sync(args.device)
-        t0 = time.monotonic()
-        try:
-            from knobsweep.models import load_model
-
-            adapter = load_model(path, device=args.device, dtype=dtype_name)
-            out["loader"] = "knobsweep.models.load_model"
-        except Exception as e:  # noqa: BLE001 - fall back to transformers' loader, saying so
-            out["load_model_error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"
-            log(f"load: load_model failed ({type(e).__name__}: {e}); timing from_pretrained instead")
-            from transformers import Qwen3VLMoeForConditionalGeneration
-
-            t0 = time.monotonic()
-            adapter = Qwen3VLMoeForConditionalGeneration.from_pretrained(
-                path, dtype=getattr(torch, dtype_name), device_map=args.device, local_files_only=True
-            )
-            out["loader"] = "Qwen3VLMoeForConditionalGeneration.from_pretrained (load_model failed)"
-        sync(args.device)
-        out["load_s"] = time.monotonic() - t0
-        out["gb_per_s"] = out["bytes"] / out["load_s"] / 1e9
-        del adapter
-        free_memory(args.device)
-        element = 2 if dtype_name == "bfloat16" else 4
-        out["full_model_params"] = full_model_params(args.tiny)
-        out["full_model_bytes"] = out["full_model_params"] * element
-        out["full_load_s_lower_bound"] = out["full_model_bytes"] / out["bytes"] * out["load_s"]
-        out["cells_per_run"] = real["cells_per_run"]
-        out["full_load_s_per_cell"] = out["full_load_s_lower_bound"] / real["cells_per_run"]
-        out["note"] = (
-            "page cache warm (the files were just written): read speed is that of memory, not of disk, so the "
-            "full-model time is a lower bound (fixed costs such as processor loading are scaled with it too)"
-        )
         log(
-            f"load: {out['load_s']:.2f} s for {out['bytes'] / 1e9:.2f} GB = {out['gb_per_s']:.2f} GB/s; "
-            f"full model {out['full_model_bytes'] / 1e9:.1f} GB -> >= {out['full_load_s_lower_bound']:.1f} s"
+            f"load: saved {out['bytes'] / 1e9:.2f} GB in {len(files)} file(s) in {out['build_and_save_s']:.1f} s"
+        )
+        element = 2 if dtype_name == "bfloat16" else 4
+        saved = json.loads((path / "config.json").read_text())
+        out["full_model_params"] = full_model_params(args.tiny, saved["text_config"]["vocab_size"])
+        out["full_model_bytes"] = out["full_model_params"] * element
+        out["runs"] = []
+        # first with the files dropped from the page cache (read from disk), then again (page cache warm)
+        for cache in ("evicted", "warm"):
+            evicted = evict_from_page_cache(files) if cache == "evicted" else False
+            run = {"page_cache": cache if cache == "warm" or evicted else "warm (eviction unavailable)"}
+            run.update(time_load(path, args.device, dtype_name, log))
+            run["gb_per_s"] = out["bytes"] / run["load_s"] / 1e9
+            run["full_load_s"] = out["full_model_bytes"] / out["bytes"] * run["load_s"]
+            out["runs"].append(run)
+            log(
+                f"load ({run['page_cache']}): {run['load_s']:.2f} s for {out['bytes'] / 1e9:.2f} GB = "
+                f"{run['gb_per_s']:.2f} GB/s; full model {out['full_model_bytes'] / 1e9:.1f} GB -> "
+                f"{run['full_load_s']:.1f} s"
+            )
+        out["loader"] = out["runs"][0]["loader"]
+        out["load_s"] = out["runs"][0]["load_s"]
+        out["gb_per_s"] = out["runs"][0]["gb_per_s"]
+        out["full_load_s_estimate"] = out["runs"][0]["full_load_s"]
+        out["full_load_s_lower_bound"] = min(r["full_load_s"] for r in out["runs"])
+        out["cells_per_run"] = real["cells_per_run"]
+        out["full_load_s_per_cell"] = out["full_load_s_estimate"] / real["cells_per_run"]
+        out["note"] = (
+            "full-model seconds = measured seconds x full bytes / saved bytes (fixed costs such as processor "
+            "loading are scaled too). The first load reads from local disk after posix_fadvise(DONTNEED) "
+            "(the estimate, used per cell); the second with the page cache warm (the lower bound). A shared "
+            "or network file system on a cluster can be slower than this machine's local disk."
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -253,6 +304,10 @@ def run_cell(adapter, setting: dict, kind: str, args, real: dict, img, device: s
         sync(device)
         t0 = time.monotonic()
         adapter.configure(top_k=setting["top_k"], active_blocks=setting["kept"])
+        # configure() keeps the decoders (and graphs) when the knobs did not change, e.g. the default cell
+        # right after reset(): then this cell's setting change captures nothing, as in the worker
+        fast = getattr(adapter, "_fast", None)
+        row["decoders_kept"] = len(fast.decoders) if fast is not None else None
         first = request()
         sync(device)
         row["setting_change_s"] = time.monotonic() - t0
@@ -262,17 +317,20 @@ def run_cell(adapter, setting: dict, kind: str, args, real: dict, img, device: s
             request()
         sync(device)
         row["warmup_s"] = time.monotonic() - t0
-        totals, walls, tokens = [], [], []
-        for _ in range(args.n):
+        n = args.n if kind == "qa" else args.n_captioning
+        totals, walls, tokens, stages = [], [], [], []
+        for _ in range(n):
             t0 = time.perf_counter()
             r = request()
             sync(device)
             walls.append((time.perf_counter() - t0) * 1e3)
             totals.append(r.timings_ms["total"])
             tokens.append(r.output_tokens)
+            stages.append(r.timings_ms)
+        steps = [t["decode"] / (k - 1) for t, k in zip(stages, tokens, strict=True) if k > 1]
         row.update(
             {
-                "n": args.n,
+                "n": n,
                 "warmup": args.warmup,
                 "total_ms": [round(x, 3) for x in totals],
                 "wall_ms": [round(x, 3) for x in walls],
@@ -281,6 +339,11 @@ def run_cell(adapter, setting: dict, kind: str, args, real: dict, img, device: s
                 "prompt_tokens": r.prompt_tokens,
                 "total": stats(totals),
                 "wall": stats(walls),
+                "stage_medians_ms": {
+                    stage: float(np.median([t[stage] for t in stages]))
+                    for stage in ("preprocess", "vision", "prefill", "decode", "ttft")
+                },
+                "decode_step_ms_median": float(np.median(steps)) if steps else None,
             }
         )
         n_eval = real["n_eval"][kind]
@@ -335,13 +398,16 @@ KNOBS = ("vision_tokens", "top_k", "active_blocks")
 
 
 def monotonicity(cells: list[dict]) -> list[dict]:
-    """Pairs of settings of one workload that differ in one knob; the smaller knob must not be slower by more
-    than the noise (the larger pass-to-pass difference of the two settings' median totals)."""
+    """Pairs of settings of one workload that differ in one knob; the smaller knob must not be slower (mean of
+    the passes' median totals) by more than the noise (the larger pass-to-pass difference of the two settings'
+    medians). Only pairs with the same median output length are comparable (a random model may stop early)."""
     medians: dict[tuple[str, str], list[float]] = {}
+    lengths: dict[tuple[str, str], list[int]] = {}
     knobs: dict[str, dict] = {}
     for c in cells:
         if "total" in c:
             medians.setdefault((c["setting"], c["kind"]), []).append(c["total"]["median"])
+            lengths.setdefault((c["setting"], c["kind"]), []).extend(c["output_tokens"])
             knobs[c["setting"]] = {k: c[k] for k in KNOBS}
     rows = []
     for (small, kind), m_small in medians.items():
@@ -353,6 +419,8 @@ def monotonicity(cells: list[dict]) -> list[dict]:
                 continue
             noise = max(max(m) - min(m) for m in (m_small, m_big))
             slower_by = float(np.mean(m_small) - np.mean(m_big))
+            tokens = [float(np.median(lengths[(name, kind)])) for name in (small, big)]
+            comparable = tokens[0] == tokens[1]
             rows.append(
                 {
                     "kind": kind,
@@ -363,7 +431,9 @@ def monotonicity(cells: list[dict]) -> list[dict]:
                     "median_larger_ms": float(np.mean(m_big)),
                     "noise_ms": noise,
                     "passes": min(len(m_small), len(m_big)),
-                    "violation": slower_by > noise,
+                    "output_tokens_median": tokens,
+                    "comparable": comparable,
+                    "violation": comparable and slower_by > noise,
                 }
             )
     return rows
@@ -380,11 +450,14 @@ def load_amortisation(result: dict) -> None:
 def print_tables(result: dict) -> None:
     load = result.get("load", {})
     if "load_s" in load:
+        print(f"\nload ({load['loader']}): {load['blocks']} blocks, {load['bytes'] / 1e9:.2f} GB saved")
+        for r in load["runs"]:
+            print(
+                f"  page cache {r['page_cache']:<8}: {r['load_s']:.2f} s = {r['gb_per_s']:.2f} GB/s; full model "
+                f"{load['full_model_bytes'] / 1e9:.1f} GB -> {r['full_load_s']:.1f} s"
+            )
         print(
-            f"\nload ({load['loader']}): {load['blocks']} blocks, {load['bytes'] / 1e9:.2f} GB in "
-            f"{load['load_s']:.2f} s = {load['gb_per_s']:.2f} GB/s (page cache warm); full model "
-            f"{load['full_model_bytes'] / 1e9:.1f} GB -> >= {load['full_load_s_lower_bound']:.1f} s, "
-            f"{load['full_load_s_per_cell']:.3f} s per cell over {load['cells_per_run']} cells"
+            f"  per cell: {load['full_load_s_per_cell']:.3f} s (estimate / {load['cells_per_run']} cells of a run)"
         )
     print(
         f"\n{'setting':<16} {'kind':<10} {'pass':>4} {'median':>9} {'P95':>9} {'P99':>9} {'change s':>9} "
@@ -396,7 +469,7 @@ def print_tables(result: dict) -> None:
             print(f"{head} {c.get('error', c.get('skipped', '?'))}")
             continue
         t = c["total"]
-        load_ratio = f"{100 * c['load_per_cell_ratio']:8.2f}%" if "load_per_cell_ratio" in c else f"{'-':>9}"
+        load_ratio = f"{100 * c['load_per_cell_ratio']:8.3f}%" if "load_per_cell_ratio" in c else f"{'-':>9}"
         print(
             f"{head} {t['median']:9.1f} {t['p95']:9.1f} {t['p99']:9.1f} {c['setting_change_s']:9.2f} "
             f"{c['warmup_s']:9.2f} {100 * c['overhead_ratio']:8.2f}% {load_ratio}"
@@ -416,7 +489,8 @@ def print_tables(result: dict) -> None:
             print(
                 f"  {m['kind']:<10} {m['smaller']:<16} {m['median_smaller_ms']:9.1f} <= {m['larger']:<16} "
                 f"{m['median_larger_ms']:9.1f} (noise {m['noise_ms']:.2f} ms, {m['passes']} pass(es)) "
-                f"{'VIOLATION' if m['violation'] else 'ok'}"
+                + ("VIOLATION" if m["violation"] else "ok" if m["comparable"] else "not comparable: ")
+                + ("" if m["comparable"] else f"output tokens {m['output_tokens_median']}")
             )
     if summary:
         print("\nsummary: " + json.dumps(summary))
@@ -429,11 +503,14 @@ def summarise(result: dict) -> dict:
         "cells_measured": len(cells),
         "cells_skipped_or_failed": len(result["cells"]) - len(cells),
         "max_overhead_ratio": max((c["overhead_ratio"] for c in cells), default=None),
-        "overhead_within_target": all(c["overhead_ratio"] <= OVERHEAD_TARGET for c in cells) if cells else None,
+        "overhead_within_target": all(c["overhead_ratio"] <= OVERHEAD_TARGET for c in cells)
+        if cells
+        else None,
         "max_p95_rel_diff": max((r["p95_rel_diff"] for r in rep), default=None),
         "repeatability_within_target": all(r["p95_within_target"] for r in rep) if rep else None,
         "monotonicity_pairs": len(mono),
         "monotonicity_violations": sum(m["violation"] for m in mono),
+        "monotonicity_not_comparable": sum(not m["comparable"] for m in mono),
     }
 
 
@@ -448,6 +525,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--tiny", action="store_true", help="bench's tiny config (CPU smoke test of this script)")
     p.add_argument("--n", type=int, default=30, help="timed requests per cell")
+    p.add_argument(
+        "--n-captioning", type=int, default=None, help="timed requests per captioning cell (default: --n)"
+    )
     p.add_argument("--warmup", type=int, default=5, help="untimed requests after the first (config: 5)")
     p.add_argument("--budget-s", type=float, default=300.0, help="start no cell that would end after this")
     p.add_argument("--load-blocks", type=int, default=4, help="decoder blocks of the saved/loaded model")
@@ -456,8 +536,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--settings", nargs="+", default=None, help="e.g. vt1872_k8_b48 vt288_k1_b16")
     p.add_argument("--config", type=Path, default=REAL_CONFIG, help="the real run's config (n_eval, grid)")
     args = p.parse_args(argv)
-    if args.n < 1 or args.warmup < 0 or args.load_blocks < 1:
-        p.error(f"need --n >= 1, --warmup >= 0, --load-blocks >= 1 (got {args.n}, {args.warmup}, {args.load_blocks})")
+    if args.n_captioning is None:
+        args.n_captioning = args.n
+    if min(args.n, args.n_captioning) < 1 or args.warmup < 0 or args.load_blocks < 1:
+        p.error(
+            f"need --n >= 1, --warmup >= 0, --load-blocks >= 1 (got {args.n}, {args.warmup}, {args.load_blocks})"
+        )
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device visible")
     settings = [parse_setting(s) for s in (args.settings or (TINY_SETTINGS if args.tiny else SETTINGS))]
@@ -475,7 +559,10 @@ def main(argv: list[str] | None = None) -> dict:
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "real_config": real,
-        "max_new_tokens": {"qa": QA_MAX_NEW_TOKENS, "captioning": real["max_new_tokens_config"]["captioning"]},
+        "max_new_tokens": {
+            "qa": QA_MAX_NEW_TOKENS,
+            "captioning": real["max_new_tokens_config"]["captioning"],
+        },
         "targets": {"overhead_ratio": OVERHEAD_TARGET, "p95_rel_diff": REPEAT_TARGET},
         "cells": [],
         "errors": [],
@@ -492,6 +579,10 @@ def main(argv: list[str] | None = None) -> dict:
         import transformers
 
         result["versions"]["transformers"] = transformers.__version__
+        if args.device == "cuda":
+            import triton
+
+            result["versions"]["triton"] = triton.__version__
     except Exception as e:  # noqa: BLE001
         result["errors"].append(f"versions: {type(e).__name__}: {e}")
 
@@ -506,7 +597,10 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             result["load"] = measure_load(args, real, log)
         except Exception as e:  # noqa: BLE001
-            result["load"] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
+            result["load"] = {
+                "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc()[-3000:],
+            }
             log(f"load: {result['load']['error']}")
         save()
 
@@ -526,6 +620,9 @@ def main(argv: list[str] | None = None) -> dict:
                 "experts": adapter.num_experts,
                 "dtype": str(adapter.dtype),
                 "build_s": time.monotonic() - t0,
+                # the real config asks for sdpa attention and grouped_mm experts (prefill; decode per path)
+                "attn_implementation": getattr(adapter.model.config, "_attn_implementation", None),
+                "experts_implementation": getattr(adapter.model.config, "_experts_implementation", None),
             }
             log(f"model: {result['model']}, path auto -> {resolved}")
         except Exception as e:  # noqa: BLE001
