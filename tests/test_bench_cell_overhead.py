@@ -1,0 +1,131 @@
+"""bench/cell_overhead.py end to end on CPU with bench's tiny model: the JSON's structure, and its derived
+numbers (overhead ratio, repeatability, monotonicity pairs) recomputed from the JSON's own fields."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.cell_overhead import main, monotonicity, parse_setting
+
+SETTINGS = ["vt16_k2_b2", "vt16_k2_b4", "vt36_k2_b4"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[dict, dict]:
+    out = tmp_path_factory.mktemp("cell_overhead") / "co.json"
+    returned = main(
+        [
+            "--tiny",
+            "--device",
+            "cpu",
+            "--n",
+            "3",
+            "--warmup",
+            "1",
+            "--load-blocks",
+            "2",
+            "--settings",
+            *SETTINGS,
+            "--out",
+            str(out),
+        ]
+    )
+    assert not out.with_name(out.name + ".tmp").exists()  # written atomically
+    return returned, json.loads(out.read_text())
+
+
+def test_cells_of_both_passes_and_workloads(run):
+    _, result = run
+    assert result["errors"] == []
+    assert result["inference_path"] == {"requested": "auto", "resolved": "eager"}  # CPU
+    cells = result["cells"]
+    keys = sorted((c["pass"], c["setting"], c["kind"]) for c in cells)
+    assert keys == sorted((p, s, k) for p in (1, 2) for s in SETTINGS for k in ("qa", "captioning"))
+    for c in cells:
+        assert "error" not in c, c.get("traceback")
+        assert c["n"] == 3 and len(c["total_ms"]) == 3 and len(c["wall_ms"]) == 3
+        assert c["max_new_tokens"] == (4 if c["kind"] == "qa" else 48)
+        assert all(1 <= t <= c["max_new_tokens"] for t in c["output_tokens"])
+        t = c["total"]
+        assert t["median"] > 0 and t["p95"] >= t["median"] and t["p99"] >= t["p95"]
+        assert t["min"] <= t["median"] <= t["max"]
+        assert c["wall"]["median"] > 0
+        # the wall clock around a request includes its CUDA-event/host total
+        assert c["wall"]["median"] >= 0.9 * t["median"]
+        assert c["setting_change_s"] > 0 and c["warmup_s"] > 0
+        assert c["active_blocks"] == parse_setting(c["setting"])["active_blocks"]
+
+
+def test_overhead_ratio_is_the_formula(run):
+    _, result = run
+    n_eval = result["real_config"]["n_eval"]
+    assert n_eval == {"qa": 500, "captioning": 500}  # config/qwen3_vl_30b_a3b.yaml
+    assert result["real_config"]["cells_per_run"] == 2 * 7 * 6 * 8
+    per_cell = result["load"]["full_load_s_per_cell"]
+    for c in result["cells"]:
+        mean_ms = sum(c["total_ms"]) / len(c["total_ms"])  # samples are rounded to 1 us in the JSON
+        gpu_s = n_eval[c["kind"]] * mean_ms / 1e3
+        ratio = (c["setting_change_s"] + c["warmup_s"]) / gpu_s
+        assert c["overhead_ratio"] == pytest.approx(ratio, rel=1e-3)
+        assert c["load_per_cell_ratio"] == pytest.approx(per_cell / gpu_s, rel=1e-3)
+
+
+def test_repeatability_recomputed_from_the_passes(run):
+    _, result = run
+    p95 = {(c["pass"], c["setting"], c["kind"]): c["total"]["p95"] for c in result["cells"]}
+    rows = result["repeatability"]
+    assert len(rows) == len(SETTINGS) * 2
+    for r in rows:
+        a, b = p95[(1, r["setting"], r["kind"])], p95[(2, r["setting"], r["kind"])]
+        assert r["p95_rel_diff"] == pytest.approx(abs(b - a) / a)
+        assert r["p95_within_target"] == (r["p95_rel_diff"] <= 0.03)
+    assert result["summary"]["max_p95_rel_diff"] == pytest.approx(max(r["p95_rel_diff"] for r in rows))
+
+
+def test_monotonicity_pairs(run):
+    _, result = run
+    # one-knob pairs: b2 < b4 at vt16, vt16 < vt36 at b4; per workload
+    pairs = {(m["kind"], m["smaller"], m["larger"]) for m in result["monotonicity"]}
+    assert pairs == {(k, s, b) for k in ("qa", "captioning") for s, b in [SETTINGS[:2], SETTINGS[1:]]}
+
+
+def test_monotonicity_flags_a_slower_smaller_setting():
+    def cell(p: int, name: str, median: float) -> dict:
+        knobs = parse_setting(name)
+        return {
+            "pass": p,
+            "setting": name,
+            "kind": "qa",
+            **knobs,
+            "total": {"median": median},
+            "output_tokens": [4],
+        }
+
+    cells = [cell(1, "vt16_k2_b2", 10.0), cell(2, "vt16_k2_b2", 10.2), cell(1, "vt16_k2_b4", 9.0)]
+    cells.append(cell(2, "vt16_k2_b4", 9.1))
+    (row,) = monotonicity(cells)
+    assert row["noise_ms"] == pytest.approx(0.2) and row["violation"]
+    cells[2]["total"]["median"] = 9.95  # within the noise of 0.2 ms now (10.1 vs 10.025)
+    (row,) = monotonicity(cells)
+    assert not row["violation"]
+
+
+def test_load_part(run):
+    _, result = run
+    load = result["load"]
+    assert "error" not in load, load
+    assert load["loader"] == "knobsweep.models.load_model"
+    assert load["bytes"] > 0 and load["load_s"] > 0 and load["gb_per_s"] > 0
+    assert [r["page_cache"] for r in load["runs"]][1] == "warm"
+    assert load["full_model_bytes"] > load["bytes"]  # 2 of 6 blocks saved
+    assert load["full_load_s_estimate"] == pytest.approx(
+        load["load_s"] * load["full_model_bytes"] / load["bytes"]
+    )
+    assert not Path(load["dir"]).exists()  # temp checkpoint deleted
