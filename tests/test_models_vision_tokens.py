@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest import TINY_FAMILIES, make_image
+from conftest import TEST_DEVICE, TINY_FAMILIES, make_image
 from knobsweep.models import KnobError, token_grid
 
 SEED_GRID = [288, 432, 576, 720, 1008, 1440, 1872]
@@ -71,3 +71,25 @@ def test_generate_reports_actual_vision_tokens(tiny_adapters, family):
     assert result.vision_tokens == adapter.planned_vision_tokens(image, 30) <= 30
     with pytest.raises(KnobError, match="vision_tokens must be an int"):
         adapter.resize_for_tokens(image, 30.5)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_images_are_processed_on_the_models_device(tiny_adapters, family):
+    """On CUDA the image processor runs on the GPU (steadier, faster preprocessing) and gives the host's
+    pixel values; on the CPU nothing changes."""
+    from unittest import mock
+
+    import torch
+
+    adapter = tiny_adapters[family]
+    image = make_image(640, 480, seed=3)
+    if TEST_DEVICE != "cuda":
+        assert adapter.image_processor_kwargs() == {}
+        return
+    assert adapter.image_processor_kwargs() == {"device": str(adapter.device)}
+    on_device = adapter.prepare_inputs([image], ["What is shown?"], 64)
+    with mock.patch.object(type(adapter), "image_processor_kwargs", return_value={}):
+        on_host = adapter.prepare_inputs([image], ["What is shown?"], 64)
+    assert on_device["pixel_values"].device.type == "cuda"
+    assert torch.equal(on_device["input_ids"].cpu(), on_host["input_ids"])
+    torch.testing.assert_close(on_device["pixel_values"].cpu(), on_host["pixel_values"], rtol=1e-5, atol=1e-5)

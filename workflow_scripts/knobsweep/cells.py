@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 # Bump by hand whenever a change to the inference path (knob application, generation, timing, image
 # handling) can change a cell's predictions or latencies: every cell's fingerprint includes it, so the
 # workflow re-runs them all. Fixes that cannot change results need no bump.
-INFERENCE_CODE_VERSION = "1"
+# 2: on CUDA, `auto` became fused_graph (was eager) and images are processed on the GPU.
+INFERENCE_CODE_VERSION = "2"
 
 SHARD_COLUMNS = (
     "workload",

@@ -409,10 +409,24 @@ class ModelAdapter:
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         tokenizer.padding_side = "left"
         inputs = self.processor(
-            images=resized, text=[self.chat_prompt(p) for p in prompts], return_tensors="pt", padding=True
+            images=resized,
+            text=[self.chat_prompt(p) for p in prompts],
+            return_tensors="pt",
+            padding=True,
+            images_kwargs=self.image_processor_kwargs(),
         )
         self.check_counts(images, inputs, vision_tokens)
         return inputs
+
+    def image_processor_kwargs(self) -> dict[str, Any]:
+        """On CUDA the image processor's tensor work (rescale, normalise, patchify) runs on the model's device:
+        on the host it was the largest and least steady part of a request's preprocessing (~55-100 ms at
+        1872 tokens on an H100 host, differing by up to 40% between two runs of one cell). On the CPU: none."""
+        if self.device.type != "cuda":
+            return {}
+        image_processor = getattr(self.processor, "image_processor", None)
+        accepted = getattr(getattr(image_processor, "valid_kwargs", None), "__annotations__", {})
+        return {"device": str(self.device)} if "device" in accepted else {}
 
     def planned_vision_tokens(self, image: Image.Image, vision_tokens: int) -> int:
         """LLM tokens the image will become at budget `vision_tokens`."""

@@ -101,7 +101,11 @@ class InternVLMoeAdapter(ModelAdapter):
                     images=[self.resize_for_tokens(image, vision_tokens)],
                     text=[self.chat_prompt(prompt)],
                     return_tensors="pt",
-                    images_kwargs={"min_patches": tiles, "max_patches": tiles},
+                    images_kwargs={
+                        "min_patches": tiles,
+                        "max_patches": tiles,
+                        **self.image_processor_kwargs(),
+                    },
                 )
             )
         padded = tokenizer.pad(
