@@ -230,7 +230,7 @@ def _set(spec, path, value):
         ("manifest.prompt", "{question} Answer briefly."),
         ("generation.max_new_tokens", 4),
         ("warmup", 2),
-        ("inference_code_version", "2"),
+        ("inference_code_version", cells.INFERENCE_CODE_VERSION + "+1"),
     ],
 )
 def test_fingerprint_changes_with_each_result_determining_input(path, value):

@@ -57,7 +57,7 @@ class GenerationResult:
 
     `vision_tokens`: LLM tokens the image actually became; `prompt_tokens`: all prompt tokens (text and
     vision, padding excluded); `output_tokens`: generated tokens, the end-of-sequence token included;
-    `timings_ms`: preprocess (resize + processor, host), vision (vision encoder + projector), prefill (rest
+    `timings_ms`: preprocess (resize on the host + processor, on the GPU under CUDA; wall clock), vision (vision encoder + projector), prefill (rest
     of the first forward, up to the first token), decode (all later tokens), ttft (preprocess + vision +
     prefill) and total (ttft + decode). In a batch every row carries the batch's timings.
     """
