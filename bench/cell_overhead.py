@@ -59,6 +59,7 @@ import numpy as np
 import torch
 import yaml
 
+from bench import keeps_torch_state
 from bench.fast_path_check import build_adapter, image, kept
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -517,17 +518,8 @@ def summarise(result: dict) -> dict:
 # ------------------------------------------------------------------------------------------------ main
 
 
+@keeps_torch_state
 def main(argv: list[str] | None = None) -> dict:
-    # Restore the caller's grad mode and thread count: tests call main() in-process.
-    grad_enabled, threads = torch.is_grad_enabled(), torch.get_num_threads()
-    try:
-        return _main(argv)
-    finally:
-        torch.set_grad_enabled(grad_enabled)
-        torch.set_num_threads(threads)
-
-
-def _main(argv: list[str] | None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--out", type=Path, default=Path(os.environ.get("OUT", "bench/results")) / "cell_overhead.json"

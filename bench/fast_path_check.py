@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench import keeps_torch_state
+
 ROOT = Path(__file__).resolve().parents[1]
 TEST_FILES = [
     "tests/test_fast_path.py",
@@ -319,17 +321,8 @@ def print_tables(result: dict) -> None:
             )
 
 
+@keeps_torch_state
 def main(argv: list[str] | None = None) -> dict:
-    # Restore the caller's grad mode and thread count: tests call main() in-process.
-    grad_enabled, threads = torch.is_grad_enabled(), torch.get_num_threads()
-    try:
-        return _main(argv)
-    finally:
-        torch.set_grad_enabled(grad_enabled)
-        torch.set_num_threads(threads)
-
-
-def _main(argv: list[str] | None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--out", type=Path, default=Path(os.environ.get("OUT", "bench/results")) / "fast_path_check.json"

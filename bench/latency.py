@@ -40,7 +40,7 @@ import transformers
 from transformers import DynamicCache, StaticCache
 
 from bench import attention as gqa_attention
-from bench import floors, fused_moe
+from bench import floors, fused_moe, keeps_torch_state
 from bench.model import Knobs, PromptInputs, build_model, make_config, make_inputs
 
 # Knob values of the study (tiny: same structure, scaled to the tiny model).
@@ -739,17 +739,8 @@ def print_table(rows: list[dict]) -> None:
         )
 
 
+@keeps_torch_state
 def main(argv: list[str] | None = None) -> dict:
-    # Restore the caller's grad mode and thread count: tests call main() in-process.
-    grad_enabled, threads = torch.is_grad_enabled(), torch.get_num_threads()
-    try:
-        return _main(argv)
-    finally:
-        torch.set_grad_enabled(grad_enabled)
-        torch.set_num_threads(threads)
-
-
-def _main(argv: list[str] | None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--tiny", action="store_true", help="tiny config and knob values (CPU smoke test)")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -38,6 +39,8 @@ def run(tmp_path_factory) -> tuple[dict, dict]:
         ]
     )
     assert not out.with_name(out.name + ".tmp").exists()  # written atomically
+    # The benchmark turns gradients off; the caller's mode comes back (later tests train models in-process).
+    assert torch.is_grad_enabled()
     return returned, json.loads(out.read_text())
 
 
