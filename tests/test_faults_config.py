@@ -216,9 +216,7 @@ CASES: list[tuple] = [
 # Cases the workflow accepts at DAG construction today although the value cannot work: the run fails
 # later, inside a job (after the model, data or even every GPU cell has run). Real bugs; fixes in
 # docs/failure-modes.md and the report.
-LATE = {
-    "model.tiny.overrides-typo": "tiny_model job: build_tiny_checkpoint raises ValueError (unknown overrides)",
-}
+LATE: dict[str, str] = {}
 
 # Rejected configs that also run WITHOUT -n: nothing may start.
 REAL_RUNS = ("inference.warmup-negative", "grid.top_k-model", "cells.list-pattern")

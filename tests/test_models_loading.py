@@ -112,3 +112,26 @@ def test_internvl_needs_a_qwen3_moe_language_model(tiny_checkpoints, tmp_path):
     (ckpt / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="text_config.model_type is 'qwen2'"):
         load_model(ckpt)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_tiny_override_table_matches_the_builders(family, tmp_path):
+    """knobsweep.config.TINY_OVERRIDE_KEYS (read at DAG construction, without torch) names exactly what each
+    builder consumes: every listed name gets past the builder's own leftover check, and a name outside the
+    table is refused before anything is written."""
+    from knobsweep.config import TINY_OVERRIDE_KEYS
+    from knobsweep.models.tiny import BUILDERS
+
+    assert set(TINY_OVERRIDE_KEYS) == set(BUILDERS)
+    not_consumed = []
+    for key in sorted(TINY_OVERRIDE_KEYS[family]):
+        # A value the builder cannot use: it may fail later, but only after taking the name.
+        try:
+            BUILDERS[family](tmp_path / key, 0, None, {key: object()})
+        except Exception as e:  # noqa: BLE001
+            if "unknown overrides" in str(e):
+                not_consumed.append(key)
+    assert not_consumed == []
+    with pytest.raises(ValueError, match="unknown overrides.*num_blokcs"):
+        build_tiny_checkpoint(tmp_path / "typo", family=family, num_blokcs=4)
+    assert not (tmp_path / "typo").exists()

@@ -244,6 +244,49 @@ def _analysis_problems(analysis: dict[str, Any]) -> list[str]:
 # The top-k of a tiny checkpoint built without a `num_experts_per_tok` override (knobsweep.models.tiny).
 TINY_DEFAULT_TOP_K = 8
 
+# What `build_tiny_checkpoint(..., **overrides)` accepts per family: here, without torch, so that a typo in
+# `model.tiny.overrides` fails at DAG construction; the builder checks the same table.
+_TINY_TEXT_KEYS = frozenset(
+    {
+        "num_blocks",
+        "hidden_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "intermediate_size",
+        "moe_intermediate_size",
+        "num_experts",
+        "num_experts_per_tok",
+        "max_position_embeddings",
+        "initializer_range",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+    }
+)
+_TINY_VISION_KEYS = frozenset({"vision_depth", "vision_hidden_size", "vision_intermediate_size"})
+TINY_OVERRIDE_KEYS: dict[str, frozenset[str]] = {
+    "qwen3_vl_moe": _TINY_TEXT_KEYS | _TINY_VISION_KEYS | {"deepstack_visual_indexes"},
+    "qwen3_5_moe": _TINY_TEXT_KEYS
+    | _TINY_VISION_KEYS
+    | {
+        "shared_expert_intermediate_size",
+        "layer_types",
+        "linear_num_key_heads",
+        "linear_num_value_heads",
+        "linear_key_head_dim",
+        "linear_value_head_dim",
+    },
+    "internvl": _TINY_TEXT_KEYS
+    | _TINY_VISION_KEYS
+    | {"norm_topk_prob", "tile_size", "patch_size", "max_tiles"},
+    "ernie4_5_vl_moe": _TINY_TEXT_KEYS | _TINY_VISION_KEYS | {"moe_num_shared_experts"},
+}
+
+
+def unknown_tiny_overrides(family: str, overrides: dict[str, Any]) -> list[str]:
+    """The override names `build_tiny_checkpoint` would refuse for `family` (sorted)."""
+    return sorted(set(overrides) - TINY_OVERRIDE_KEYS.get(family, frozenset()))
+
 
 def model_default_top_k(config: dict[str, Any], limits: ModelLimits | None) -> int:
     """The model's own top-k, known at every DAG construction: from `analysis.default_top_k` if set, from
@@ -320,6 +363,13 @@ def check_config(config: dict[str, Any], base_dir: str | os.PathLike = ".") -> M
             f"config key 'model.tiny.family' has the value {tiny_family!r}; "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    if config["model"].get("build_tiny") and tiny_family in TINY_OVERRIDE_KEYS:
+        overrides = config["model"].get("tiny", {}).get("overrides", {})
+        for key in unknown_tiny_overrides(tiny_family, overrides):
+            problems.append(
+                f"config key 'model.tiny.overrides.{key}' is not a setting of the tiny {tiny_family} builder "
+                f"(known: {', '.join(sorted(TINY_OVERRIDE_KEYS[tiny_family]))})"
+            )
     if cells.get("list") and cells["mode"] != "list":
         problems.append(
             f"config key 'cells.list' is set but cells.mode is {cells['mode']!r}: set cells.mode: list, "

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from knobsweep.config import TINY_DEFAULT_TOP_K
+from knobsweep.config import TINY_DEFAULT_TOP_K, TINY_OVERRIDE_KEYS, unknown_tiny_overrides
 
 # Words every tiny tokenizer knows, so prompts of the study ("What is in the image?", captions) tokenize.
 DEFAULT_WORDS: tuple[str, ...] = tuple(
@@ -524,11 +524,18 @@ def build_tiny_checkpoint(
     `vocabulary`: extra words for the tokenizer (e.g. a synthetic data generator's vocabulary).
     `overrides`: `num_blocks`, and text-model settings (`hidden_size`, `num_experts`, `num_experts_per_tok`,
     `moe_intermediate_size`, `num_attention_heads`, `num_key_value_heads`, `head_dim`, `initializer_range`,
-    `max_position_embeddings`, ...) or vision settings (`vision_depth`, `vision_hidden_size`, ...).
+    `max_position_embeddings`, ...) or vision settings (`vision_depth`, `vision_hidden_size`, ...); the
+    accepted names per family are `knobsweep.config.TINY_OVERRIDE_KEYS`.
     """
     if family not in BUILDERS:
         raise ValueError(
             f"build_tiny_checkpoint: unknown family {family!r}; choose one of {sorted(BUILDERS)}"
+        )
+    unknown = unknown_tiny_overrides(family, overrides)
+    if unknown:
+        raise ValueError(
+            f"build_tiny_checkpoint: unknown overrides for {family}: {unknown} "
+            f"(known: {sorted(TINY_OVERRIDE_KEYS[family])})"
         )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
