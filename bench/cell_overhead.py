@@ -48,18 +48,16 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 import traceback
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 
-from bench import keeps_torch_state
+from bench import keeps_torch_state, run_header, save_json
 from bench.fast_path_check import build_adapter, image, kept
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -555,10 +553,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     real = real_config(args.config)
     result: dict = {
-        "script": "bench/cell_overhead.py",
-        "date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-        "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
+        **run_header("bench/cell_overhead.py", args.device),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "real_config": real,
         "max_new_tokens": {
@@ -567,26 +562,11 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "targets": {"overhead_ratio": OVERHEAD_TARGET, "p95_rel_diff": REPEAT_TARGET},
         "cells": [],
-        "errors": [],
     }
 
     def save() -> None:
         result["elapsed_s"] = time.monotonic() - start
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1, default=str))
-        os.replace(tmp, args.out)
-
-    try:
-        import transformers
-
-        result["versions"]["transformers"] = transformers.__version__
-        if args.device == "cuda":
-            import triton
-
-            result["versions"]["triton"] = triton.__version__
-    except Exception as e:  # noqa: BLE001
-        result["errors"].append(f"versions: {type(e).__name__}: {e}")
+        save_json(result, args.out)
 
     torch.manual_seed(0)
     torch.set_grad_enabled(False)

@@ -35,14 +35,13 @@ import sys
 import tempfile
 import time
 import traceback
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from bench import keeps_torch_state
+from bench import keeps_torch_state, run_header, save_json
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_FILES = [
@@ -353,30 +352,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[{time.monotonic() - start:6.1f}s] {msg}", flush=True)
 
     result: dict = {
-        "script": "bench/fast_path_check.py",
-        "date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-        "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
-        "errors": [],
+        **run_header("bench/fast_path_check.py", args.device),
     }
 
     def save() -> None:
         result["elapsed_s"] = time.monotonic() - start
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1, default=str))
-        os.replace(tmp, args.out)
-
-    try:
-        import transformers
-
-        result["versions"]["transformers"] = transformers.__version__
-        if args.device == "cuda":
-            import triton
-
-            result["versions"]["triton"] = triton.__version__
-    except Exception as e:  # noqa: BLE001
-        result["errors"].append(f"versions: {type(e).__name__}: {e}")
+        save_json(result, args.out)
 
     torch.manual_seed(0)
     torch.set_grad_enabled(False)
