@@ -242,6 +242,7 @@ def dense_spec():
     return {
         "grid": {k: sorted(v) for k, v in GRID.items()},
         "latency": config["cells"]["dense"]["latency"],
+        "max_cells": config["cells"]["dense"].get("max_cells"),
         "workloads": WORKLOADS,
     }
 

@@ -225,3 +225,40 @@ def test_shipped_checkpoint_captions_describe_the_image_it_is_shown(shipped, tmp
         [precision(r.text, captions[(i + 1) % len(captions)]["references"]) for i, r in enumerate(out)]
     )
     assert own > other + 0.2, (own, other, [r.text for r in out])
+
+
+def test_top_k_drawn_per_batch_trains_as_a_model_built_with_that_top_k(tmp_path):
+    """`TrainConfig.top_k`: each batch carries a drawn top-k; its loss equals the loss of the same weights
+    built with `num_experts_per_tok` = that top-k (an independent reference); the rest of the batch is the
+    one drawn without the option (earlier stages' data streams are unchanged)."""
+    from knobsweep.models import load_model
+    from transformers import AutoConfig, Qwen3VLMoeForConditionalGeneration
+
+    template = dm.build_initial_checkpoint(tmp_path / "t", num_blocks=2)
+    adapter = load_model(template, device="cpu")
+    base = {"tokens_per_batch": 256, "max_batch": 4, "vision_tokens": (16,), "image_sizes": ((640, 480),)}
+    grids = dm.grid_table(adapter, base["image_sizes"], base["vision_tokens"])
+
+    def batch(top_k, seed):
+        maker = dm.BatchMaker(dm.TrainConfig(top_k=top_k, **base), adapter.processor, grids, 32)
+        return maker(np.random.default_rng(seed))
+
+    drawn = {int(batch((2, 4), seed)["top_k"]) for seed in range(12)}
+    assert drawn == {2, 4}
+    plain, with_k = batch((), 3), batch((2, 4), 3)
+    assert "top_k" not in plain and set(with_k) - set(plain) == {"top_k"}
+    assert all(torch.equal(plain[k], with_k[k]) for k in plain)
+
+    plain["pixel_values"] = dm.unpack_pixels(plain.pop("pixel_bytes"), adapter.processor.image_processor)
+    model = dm.fresh_model(template, 0).eval()
+    config = AutoConfig.from_pretrained(template)
+    config.text_config.num_experts_per_tok = 2
+    reference = Qwen3VLMoeForConditionalGeneration(config).eval()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        at_default, _ = dm.batch_loss(model, plain, aux_coef=0.01)
+        at_2, _ = dm.batch_loss(model, plain, aux_coef=0.01, top_k=2)
+        expected, _ = dm.batch_loss(reference, plain, aux_coef=0.01)
+    torch.testing.assert_close(at_2, expected)
+    assert not torch.allclose(at_default, at_2)
+    assert {r.top_k for r in dm.routers(model)} == {2}  # left for the next batch

@@ -116,6 +116,24 @@ def test_left_padded_batch_equals_plain_path(adapters, path):
 
 
 @pytest.mark.parametrize("path", FAST_PATHS)
+def test_batch_beyond_the_fused_kernels_size_equals_plain_path(adapters, path):
+    """Batches of more than FUSED_MAX_TOKENS rows leave the fused kernel for transformers' experts (in float32:
+    batched_mm, since grouped_mm's float32 fallback synchronises and breaks graph capture on CUDA)."""
+    from knobsweep.models.fused_moe import FUSED_MAX_TOKENS
+
+    n = FUSED_MAX_TOKENS + 2
+    images = [make_image(w, h, seed + 10 * i) for i in range(2) for w, h, seed in IMAGES][:n]
+    prompts = (PROMPTS * 2)[:n]
+    tokens = {}
+    for name in ("eager", path):
+        adapter = adapters[name]
+        adapter.configure(top_k=2)
+        results = adapter.generate_batch(images, prompts, vision_tokens=VISION_TOKENS, max_new_tokens=6)
+        tokens[name] = [r.token_ids for r in results]
+    assert tokens[path] == tokens["eager"]
+
+
+@pytest.mark.parametrize("path", FAST_PATHS)
 def test_skipped_blocks_equal_pruned_copy_on_fast_path(adapters, path):
     """The masked model on the fast path decodes like a physically pruned copy (transformers' generate)."""
     adapter = adapters[path]

@@ -178,6 +178,8 @@ CASES: list[tuple] = [
     ("cells.sparse-unknown", "cells.sparse.count", 5, "model", ("count",)),
     ("cells.dense-type", "cells.dense", "p95", "model", ()),
     ("cells.dense.latency-enum", "cells.dense.latency", "p95", "model", ()),
+    ("cells.dense.max_cells-negative", "cells.dense.max_cells", -1, "model", ()),
+    ("cells.dense.max_cells-type", "cells.dense.max_cells", "all", "model", ()),
     ("cells.dense-unknown", "cells.dense.metric", "x", "model", ("metric",)),
     ("cells.list-type", "cells.list", "vt16_k1_b2", "model", ()),
     ("cells.list-pattern", "cells.list", ["vt16_k1"], "model", ("vt16_k1",)),

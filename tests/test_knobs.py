@@ -1,6 +1,8 @@
 """Knob settings, grids, sparse/dense selection and block selection (knobsweep.knobs)."""
 
 import itertools
+import random
+import re
 
 import pytest
 from knobsweep.knobs import (
@@ -81,6 +83,87 @@ def test_dense_cells_are_new_neighbours_of_the_frontier():
     frontier = [KnobSetting(16, 1, 4)]
     done = [KnobSetting(16, 1, 4), KnobSetting(32, 1, 4)]
     assert dense_cells(frontier, vt, k, b, exclude=done) == [KnobSetting(16, 2, 4)]
+
+
+def random_dense_case(seed: int):
+    """A small random grid, a frontier (random order, as a latency order would be) and run cells."""
+    rng = random.Random(seed)
+    axes = [sorted(rng.sample(range(1, 40), rng.randint(1, 4))) for _ in range(3)]
+    grid = full_grid(*axes)
+    frontier = rng.sample(grid, rng.randint(1, min(6, len(grid))))
+    done = rng.sample(grid, rng.randint(0, len(grid) // 2))
+    return axes, grid, frontier, done
+
+
+def reference_new_neighbours(axes, grid, frontier, done) -> dict[KnobSetting, set[KnobSetting]]:
+    """Brute force: per frontier cell, the grid cells whose knob indices differ by one step in one knob,
+    minus the frontier and the run cells."""
+
+    def index(s: KnobSetting) -> tuple[int, ...]:
+        return tuple(axis.index(v) for axis, v in zip(axes, (s.vision_tokens, s.top_k, s.active_blocks)))
+
+    skip = set(frontier) | set(done)
+    return {
+        f: {c for c in grid if c not in skip and sum(abs(a - b) for a, b in zip(index(c), index(f))) == 1}
+        for f in frontier
+    }
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_dense_cells_cap_against_brute_force(seed):
+    axes, grid, frontier, done = random_dense_case(seed)
+    own = reference_new_neighbours(axes, grid, frontier, done)
+    every = set().union(*own.values())
+    # No cap: all new neighbours, as before the cap existed.
+    assert dense_cells(frontier, *axes, exclude=done) == sorted(every)
+    assert dense_cells(frontier, *axes, exclude=done, max_cells=None) == sorted(every)
+    for cap in range(len(every) + 3):
+        chosen = dense_cells(frontier, *axes, exclude=done, max_cells=cap)
+        assert chosen == sorted(chosen) and len(set(chosen)) == len(chosen)
+        assert set(chosen) <= every
+        assert len(chosen) == min(cap, len(every))
+        assert chosen == dense_cells(frontier, *axes, exclude=done, max_cells=cap)  # deterministic
+        if cap >= len(frontier):
+            # Round-robin: every frontier cell with a new neighbour gets at least one of its own.
+            assert all(own[f] & set(chosen) for f in frontier if own[f]), (cap, frontier, chosen)
+        # The first round: each frontier cell in turn takes its smallest neighbour not yet taken. When
+        # that round alone reaches the cap, it is the whole answer (no cell gets two while a later one
+        # still had one to pick).
+        first_round: set[KnobSetting] = set()
+        for f in frontier:
+            if len(first_round) < cap and own[f] - first_round:
+                first_round.add(min(own[f] - first_round))
+        if len(first_round) == cap:
+            assert set(chosen) == first_round
+        else:
+            assert first_round <= set(chosen)
+
+
+def test_dense_cells_cap_spreads_over_the_frontier_cheapest_first():
+    vt, k, b = [16, 32, 64, 128], [1, 2], [4]
+    # Cheapest first; each frontier cell has new neighbours at top_k=2 and along vision_tokens.
+    frontier = [KnobSetting(16, 1, 4), KnobSetting(64, 1, 4)]
+    # All new neighbours: (16,2,4), (32,1,4), (64,2,4), (128,1,4).
+    assert len(dense_cells(frontier, vt, k, b)) == 4
+    # Round 1: (16,2,4) for the first cell, (32,1,4) for the second ((64,1,4)'s smallest new neighbour).
+    assert dense_cells(frontier, vt, k, b, max_cells=1) == [KnobSetting(16, 2, 4)]
+    assert dense_cells(frontier, vt, k, b, max_cells=2) == [KnobSetting(16, 2, 4), KnobSetting(32, 1, 4)]
+    # Round 2: the first cell's next candidate (32,1,4) is taken, so it has none left; the second
+    # cell takes (64,2,4).
+    assert dense_cells(frontier, vt, k, b, max_cells=3) == [
+        KnobSetting(16, 2, 4),
+        KnobSetting(32, 1, 4),
+        KnobSetting(64, 2, 4),
+    ]
+    # The order of the frontier decides who picks first.
+    assert dense_cells(frontier[::-1], vt, k, b, max_cells=1) == [KnobSetting(32, 1, 4)]
+    assert dense_cells(frontier, vt, k, b, max_cells=0) == []
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "all", True, "3"])
+def test_dense_cells_rejects_a_bad_cap(bad):
+    with pytest.raises(ValueError, match=r"max_cells.*" + re.escape(repr(bad))):
+        dense_cells([KnobSetting(16, 1, 4)], [16, 32], [1], [4], max_cells=bad)
 
 
 def test_select_blocks_top_n_by_importance():

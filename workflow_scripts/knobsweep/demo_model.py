@@ -98,6 +98,10 @@ class TrainConfig:
     samples_per_scene: int = 2  # one rendered scene serves this many samples of the same batch
     image_sizes: tuple[tuple[int, int], ...] = ()  # () = the synthetic dataset's sizes
     vision_tokens: tuple[int, ...] = TRAIN_VISION_TOKENS
+    # Experts per token, drawn per batch like the vision budget; () = the model's default (top-8) only.
+    # Drawing from above the default (8, 16, 32) puts the grid's upper top-k values in the training
+    # distribution and leaves the lower ones (1, 2, 4) outside it, as they are for the real model.
+    top_k: tuple[int, ...] = ()
     workers: int = 14
     log_every: int = 25
     time_limit_s: float | None = None  # stop early (and save) after this much training time
@@ -257,6 +261,8 @@ class BatchMaker:
         batch["is_caption"] = torch.tensor([w == "captioning" for w in workloads])
         batch["vision_tokens"] = torch.tensor(vision_tokens)
         batch["token_labels"] = torch.cat(labels)
+        if cfg.top_k:  # drawn last, so that runs without it keep the data stream of earlier stages
+            batch["top_k"] = torch.tensor(int(cfg.top_k[int(rng.integers(len(cfg.top_k)))]))
         return batch
 
 
@@ -485,12 +491,18 @@ def batch_loss(
     per_token: bool = True,
     probe: VisionProbe | None = None,
     probe_coef: float = 0.0,
+    top_k: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Cross-entropy on answer tokens, + router balance. `per_token`: mean over all answer tokens of the batch
     (captions, with many image-dependent words, then carry most of the gradient); else mean of per-sample
-    means (every sample weighs the same)."""
+    means (every sample weighs the same). `top_k`: experts per token for this batch, set on every router
+    (None: the routers are left as they are, e.g. at an adapter's knob setting)."""
     from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import load_balancing_loss_func
 
+    cfg = model.config.text_config
+    if top_k is not None:
+        for router in routers(model):
+            router.top_k = top_k
     out = model.model(
         input_ids=batch["input_ids"],
         position_ids=batch["position_ids"],
@@ -514,8 +526,8 @@ def batch_loss(
         "caption_loss": per_sample[is_cap].mean().item() if is_cap.any() else float("nan"),
     }
     if aux_coef > 0:
-        cfg = model.config.text_config
-        aux = load_balancing_loss_func(out.router_logits, cfg.num_experts, cfg.num_experts_per_tok, None)
+        k = cfg.num_experts_per_tok if top_k is None else top_k
+        aux = load_balancing_loss_func(out.router_logits, cfg.num_experts, k, None)
         loss = loss + aux_coef * aux
         stats["aux_loss"] = aux.item()
     if probe is not None and probe_coef > 0:
@@ -523,6 +535,12 @@ def batch_loss(
         loss = loss + probe_coef * vision
         stats["vision_probe_loss"] = vision.item()
     return loss, stats
+
+
+def routers(model) -> list[torch.nn.Module]:
+    """The MoE routers of the text model (their `top_k` sets the experts per token, as the adapter's knob)."""
+    layers = model.model.language_model.layers
+    return [layer.mlp.gate for layer in layers if hasattr(getattr(layer, "mlp", None), "gate")]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -647,6 +665,7 @@ def train(
                     cfg.per_token_loss,
                     probe=probe,
                     probe_coef=cfg.vision_aux_loss_coef,
+                    top_k=int(batch["top_k"]) if "top_k" in batch else None,
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -666,6 +685,7 @@ def train(
                 "step_s": time.monotonic() - t_wait,
                 "batch": float(batch["input_ids"].shape[0]),
                 "vision_tokens": float(batch["vision_tokens"]),
+                **({"top_k": float(batch["top_k"])} if "top_k" in batch else {}),
             }.items():
                 window.setdefault(k, []).append(v)
             if step % cfg.log_every == 0 or step == cfg.steps:
@@ -940,6 +960,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     t.add_argument(
         "--vision-tokens", type=lambda s: tuple(int(x) for x in s.split(",")), default=defaults.vision_tokens
+    )
+    t.add_argument(
+        "--top-k",
+        type=lambda s: tuple(int(x) for x in s.split(",")),
+        default=defaults.top_k,
+        help="experts per token, one drawn per batch (e.g. 8,16,32); default: the model's",
     )
     e = sub.add_parser("evaluate", help="generate on held-out scenes for the model card's settings")
     e.add_argument("--model", type=Path, required=True)

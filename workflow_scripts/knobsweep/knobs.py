@@ -172,7 +172,38 @@ def dense_cells(
     top_k: Sequence[int],
     active_blocks: Sequence[int],
     exclude: Iterable[KnobSetting] = (),
+    max_cells: int | None = None,
 ) -> list[KnobSetting]:
-    """The dense stage: grid neighbours of the frontier cells that are not already run (`exclude`)."""
-    neighbours = {n for s in frontier for n in grid_neighbours(s, vision_tokens, top_k, active_blocks)}
-    return sorted(neighbours - set(frontier) - set(exclude))
+    """The dense stage: grid neighbours of the frontier cells that are not already run (`exclude`), sorted.
+
+    With `max_cells` set, at most that many of them (0 = none). They are picked round-robin over the
+    frontier in the order given (the caller passes it cheapest first): each round takes one not yet
+    chosen new neighbour of each frontier cell (its own candidates in sorted order), until `max_cells`
+    are chosen or none are left. Round-robin so that a small cap still refines every segment of the
+    frontier, not only its cheap (or its expensive) end.
+    """
+    if max_cells is not None and (
+        isinstance(max_cells, bool) or not isinstance(max_cells, int) or max_cells < 0
+    ):
+        raise ValueError(f"max_cells must be an integer >= 0 or None, got {max_cells!r}")
+    frontier = list(dict.fromkeys(frontier))  # order kept, duplicates dropped
+    skip = set(frontier) | set(exclude)
+    candidates = [
+        [n for n in grid_neighbours(s, vision_tokens, top_k, active_blocks) if n not in skip]
+        for s in frontier
+    ]
+    if max_cells is None:
+        return sorted({n for own in candidates for n in own})
+    chosen: set[KnobSetting] = set()
+    queues = [iter(own) for own in candidates]
+    while queues and len(chosen) < max_cells:
+        still_open = []
+        for queue in queues:
+            if len(chosen) == max_cells:
+                break
+            pick = next((n for n in queue if n not in chosen), None)
+            if pick is not None:
+                chosen.add(pick)
+                still_open.append(queue)
+        queues = still_open
+    return sorted(chosen)

@@ -33,9 +33,10 @@ for path in snakemake.input:
         }
     )
 cells = pd.DataFrame(records)
-result = {"latency": latency, "sparse": {}, "frontier": {}, "dense": {}}
+result = {"latency": latency, "max_cells": spec["max_cells"], "sparse": {}, "frontier": {}, "dense": {}}
 for workload in spec["workloads"]:
     sparse = cells[cells["workload"] == workload]
+    # pareto_frontier sorts by cost: cheapest first, the order the capped round-robin walks.
     front = pareto_frontier(sparse, cost=latency, benefit="quality")
     frontier = [
         KnobSetting(int(r.vision_tokens), int(r.top_k), int(r.active_blocks)) for r in front.itertuples()
@@ -45,6 +46,13 @@ for workload in spec["workloads"]:
     ]
     result["sparse"][workload] = sorted(s.cell_id() for s in done)
     result["frontier"][workload] = [s.cell_id() for s in frontier]
-    added = dense_cells(frontier, grid["vision_tokens"], grid["top_k"], grid["active_blocks"], exclude=done)
+    added = dense_cells(
+        frontier,
+        grid["vision_tokens"],
+        grid["top_k"],
+        grid["active_blocks"],
+        exclude=done,
+        max_cells=spec["max_cells"],
+    )
     result["dense"][workload] = [s.cell_id() for s in added]
 io.write_json_atomic(result, snakemake.output[0])

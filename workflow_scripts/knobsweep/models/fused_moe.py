@@ -10,8 +10,9 @@ for every (token, expert) pair, and a second computes the down projections and t
 No host synchronisation, so the step can be captured in a CUDA graph.
 
 Registered as the experts implementation "knobsweep_fused": it serves up to FUSED_MAX_TOKENS tokens per call
-(decode) and hands anything larger (prefill) to transformers' grouped_mm path. On CPU, without the Triton
-interpreter (TRITON_INTERPRET=1), it runs the same arithmetic in torch (`moe_reference`).
+(decode) and hands anything larger (a batch of more rows) to transformers' grouped_mm path (batched_mm in
+float32). On CPU, without the Triton interpreter (TRITON_INTERPRET=1), it runs the same arithmetic in torch
+(`moe_reference`).
 """
 
 from __future__ import annotations
@@ -157,9 +158,13 @@ def fused_experts_forward(
 ) -> torch.Tensor:
     """transformers experts-interface entry point (self: the experts module)."""
     if hidden_states.shape[0] > FUSED_MAX_TOKENS:
-        from transformers.integrations.moe import grouped_mm_experts_forward
+        from transformers.integrations import moe
 
-        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+        # Larger batches: transformers' kernels. torch's grouped_mm has no float32 CUDA kernel and its fallback
+        # reads the group offsets on the host, which CUDA-graph capture refuses; batched_mm never synchronises.
+        if hidden_states.dtype == torch.float32:
+            return moe.batched_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+        return moe.grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     if triton_usable(hidden_states):
         return moe_fused(hidden_states, self.gate_up_proj, self.down_proj, top_k_index, top_k_weights)
     return moe_reference(hidden_states, self.gate_up_proj, self.down_proj, top_k_index, top_k_weights)
