@@ -535,6 +535,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--skip-load", action="store_true")
     p.add_argument("--settings", nargs="+", default=None, help="e.g. vt1872_k8_b48 vt288_k1_b16")
     p.add_argument("--config", type=Path, default=REAL_CONFIG, help="the real run's config (n_eval, grid)")
+    p.add_argument("--inference-path", default="auto", help="model.inference_path of the emulated cells")
     args = p.parse_args(argv)
     if args.n_captioning is None:
         args.n_captioning = args.n
@@ -592,8 +593,11 @@ def main(argv: list[str] | None = None) -> dict:
             adapter = build_adapter(args.tiny, args.device, Path(tmp))
             from knobsweep.models.fast_path import resolve_inference_path
 
-            resolved = resolve_inference_path(adapter, "auto")
-            result["inference_path"] = {"requested": "auto", "resolved": adapter.set_inference_path("auto")}
+            resolved = resolve_inference_path(adapter, args.inference_path)
+            result["inference_path"] = {
+                "requested": args.inference_path,
+                "resolved": adapter.set_inference_path(args.inference_path),
+            }
             assert result["inference_path"]["resolved"] == resolved
             num_blocks = adapter.num_blocks
             result["model"] = {
@@ -606,7 +610,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "attn_implementation": getattr(adapter.model.config, "_attn_implementation", None),
                 "experts_implementation": getattr(adapter.model.config, "_experts_implementation", None),
             }
-            log(f"model: {result['model']}, path auto -> {resolved}")
+            log(f"model: {result['model']}, path {args.inference_path} -> {resolved}")
         except Exception as e:  # noqa: BLE001
             result["errors"].append(f"model: {type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}")
             save()
