@@ -958,12 +958,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_false",
         help="weigh every sample the same instead of every answer token",
     )
-    t.add_argument(
-        "--vision-tokens", type=lambda s: tuple(int(x) for x in s.split(",")), default=defaults.vision_tokens
-    )
+
+    def int_tuple(text: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in text.split(","))
+
+    t.add_argument("--vision-tokens", type=int_tuple, default=defaults.vision_tokens)
     t.add_argument(
         "--top-k",
-        type=lambda s: tuple(int(x) for x in s.split(",")),
+        type=int_tuple,
         default=defaults.top_k,
         help="experts per token, one drawn per batch (e.g. 8,16,32); default: the model's",
     )
