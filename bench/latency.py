@@ -9,8 +9,12 @@ Paths (bench/README.md says more):
   eager                    transformers' eager experts loop, DynamicCache, no graph (the naive baseline)
   grouped_mm               transformers' grouped_mm experts, DynamicCache, no graph (transformers' default)
   grouped_mm_static_graph  grouped_mm experts, StaticCache, prefill and decode step each in a CUDA graph
+  lean_grouped             experts "knobsweep_fused": in the prefill `moe_grouped` (grouped_mm's GEMMs
+                           without its extra passes), in decode the Triton kernels; DynamicCache, no graph:
+                           the prefill of the knob engine's fused paths
   fused_static_graph       Triton decode experts (bench/fused_moe.py) + split-KV decode attention
-                           (bench/attention.py), StaticCache, decode CUDA graph; prefill as grouped_mm
+                           (bench/attention.py), StaticCache, prefill and decode each in a CUDA graph;
+                           prefill experts through `moe_grouped`
   fused_regional_graph     as fused_static_graph, plus torch.compile of the norms, MoE blocks and rope,
                            compiled once and shared by all blocks
   fused_compiled_graph     (--compiled) the whole decode step through torch.compile, default cell only
@@ -79,6 +83,7 @@ PATHS = {
     "eager": Path_("eager", "eager", "dynamic", False),
     "grouped_mm": Path_("grouped_mm", "grouped_mm", "dynamic", False),
     "grouped_mm_static_graph": Path_("grouped_mm_static_graph", "grouped_mm", "static", True),
+    "lean_grouped": Path_("lean_grouped", fused_moe.NAME, "dynamic", False),
     "fused_static_graph": Path_(
         "fused_static_graph", fused_moe.NAME, "static", True, gqa_attention.SPLITKV_NAME
     ),
@@ -560,12 +565,25 @@ def kernel_checks(config, device: str) -> dict:
         x = torch.randn(1, h, generator=g).to(device, torch.bfloat16)
         ids = torch.randperm(e, generator=g)[:k].view(1, k).to(device)
         w = torch.softmax(torch.randn(1, k, generator=g), -1).to(device, torch.bfloat16)
-        a, b = (
-            fused_moe.moe_fused(x, gu, dn, ids, w).float(),
-            fused_moe.moe_reference(x, gu, dn, ids, w).float(),
-        )
-        out[f"moe_fused_k{k}_rel_err"] = float((a - b).norm() / b.norm())
-    del gu, dn
+        b = fused_moe.moe_reference(x, gu, dn, ids, w).float()
+        for split in (False, True):
+            a = fused_moe.moe_fused(x, gu, dn, ids, w, split_down=split).float()
+            out[f"moe_fused_k{k}_split{split}_rel_err"] = float((a - b).norm() / b.norm())
+    # The prefill's grouped experts against transformers' grouped_mm path (same GEMMs; the sum over k may add
+    # in another order).
+    from transformers.integrations import moe
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts
+
+    with torch.device("meta"):
+        experts = Qwen3VLMoeTextExperts(t)
+    experts.gate_up_proj, experts.down_proj = torch.nn.Parameter(gu), torch.nn.Parameter(dn)
+    x = torch.randn(300, h, generator=g).to(device, torch.bfloat16)
+    ids = torch.stack([torch.randperm(e, generator=g)[:8] for _ in range(300)]).to(device)
+    w = torch.softmax(torch.randn(300, 8, generator=g), -1).to(device, torch.bfloat16)
+    a = fused_moe.moe_grouped(experts, x, ids, w).float()
+    b = moe.grouped_mm_experts_forward(experts, x, ids, w).float()
+    out["moe_grouped_t300_k8_rel_err"] = float((a - b).norm() / b.norm())
+    del gu, dn, experts
     hq, hkv, d = t.num_attention_heads, t.num_key_value_heads, t.head_dim
     for length, valid in ((1984, 1901), (320, 300)):
         q = torch.randn(1, hq, 1, d, generator=g).to(device, torch.bfloat16)
@@ -899,7 +917,7 @@ def main(argv: list[str] | None = None) -> dict:
         for path in which:
             if path.name == "eager" and index >= args.eager_settings:
                 continue
-            # Static paths prefill with the same kernels as grouped_mm; time their prefill too (masked sdpa).
+            # Static paths time their prefill too (masked sdpa); fused_regional_graph's is fused_static_graph's.
             try:
                 res = measure_setting(
                     runner,
@@ -910,7 +928,7 @@ def main(argv: list[str] | None = None) -> dict:
                     reps=args.reps,
                     warmup=args.warmup,
                     use_graph=use_graph and path.graph,
-                    time_prefill=path.experts != fused_moe.NAME,
+                    time_prefill=not path.regional and not path.compile,
                 )
             except Exception as e:  # noqa: BLE001 - a failing path is reported, the rest still measured
                 errors.append(

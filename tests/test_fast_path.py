@@ -133,6 +133,38 @@ def test_batch_beyond_the_fused_kernels_size_equals_plain_path(adapters, path):
     assert tokens[path] == tokens["eager"]
 
 
+@pytest.mark.parametrize("path", [p for p in FAST_PATHS if p.startswith("fused")])
+def test_fused_paths_run_the_prefill_experts_through_the_grouped_kernels(
+    adapters, path, tiny_checkpoints, monkeypatch
+):
+    """Each kept MoE block's prefill goes through `moe_grouped` (its logits equal the plain path's: the first
+    test of this file); an experts implementation chosen at load time is kept. In float32 on CUDA torch has no
+    grouped_mm kernel: transformers' batched_mm serves the prefill there."""
+    from knobsweep.models import fused_moe
+
+    calls = []
+    original = fused_moe.moe_grouped
+    monkeypatch.setattr(
+        fused_moe, "moe_grouped", lambda e, *a, **k: calls.append(id(e)) or original(e, *a, **k)
+    )
+    adapter = adapters[path]
+    knobs = {"top_k": 2, "active_blocks": [1, 3, 4]}
+    _run(adapter, knobs)
+    # The blocks whose experts ran it (ernie4_5_vl_moe: text and vision experts in each block).
+    block_of = {id(m): i for i, layer in enumerate(adapter.decoder_layers()) for m in layer.modules()}
+    assert sorted({block_of[c] for c in calls}) == ([] if CUDA else knobs["active_blocks"])
+    explicit = load_model(
+        tiny_checkpoints[adapter.family],
+        device=TEST_DEVICE,
+        dtype="float32",
+        inference_path=path,
+        experts_implementation="eager",
+    )
+    calls.clear()
+    _run(explicit, knobs)
+    assert calls == []
+
+
 @pytest.mark.parametrize("path", FAST_PATHS)
 def test_skipped_blocks_equal_pruned_copy_on_fast_path(adapters, path):
     """The masked model on the fast path decodes like a physically pruned copy (transformers' generate)."""
@@ -310,9 +342,7 @@ def test_fused_path_runs_the_triton_kernels_exactly_in_the_interpreter(tiny_chec
     shutil.which("c++") is None and shutil.which("g++") is None,
     reason="torch.compile on CPU (inductor) needs a C++ compiler",
 )
-@pytest.mark.parametrize(
-    "family", [FAMILY] + ([f for f in FAST_FAMILIES if f != FAMILY] if CUDA else [])
-)
+@pytest.mark.parametrize("family", [FAMILY] + ([f for f in FAST_FAMILIES if f != FAMILY] if CUDA else []))
 def test_regional_compile_path_gives_the_plain_paths_tokens(tiny_checkpoints, family):
     """`fused_regional` (norms, MoE blocks and rope compiled once for all blocks) equals the plain path, also
     after a skip-set change (no recompile) and a top-k change (recompile); ~30 s with a cold inductor cache

@@ -27,7 +27,8 @@ Inference paths
 ---------------
 `set_inference_path` (or `load_model(..., inference_path=...)`) chooses how the decode steps run: the plain
 DynamicCache loop (`eager`) or a static KV cache, optionally replayed from a CUDA graph and with fused decode
-kernels (`fast_path.py`). The knobs, the prefill and the stage timings mean the same on every path.
+kernels and lean prefill experts (`fast_path.py`). The knobs, the prefill and the stage timings mean the same on
+every path.
 """
 
 from __future__ import annotations
@@ -571,7 +572,8 @@ class ModelAdapter:
         # The positions generate() would use (3D M-RoPE for the Qwen families), computed the same way.
         extra = {k: v for k, v in inputs.items() if k != "input_ids"}
         position_ids = model._prepare_position_ids_for_generation(input_ids, dict(extra))
-        with self._timed_vision(timer):
+        prefill_kernels = self._fast.prefill_kernels() if self._fast else nullcontext()
+        with self._timed_vision(timer), prefill_kernels:
             out = model(
                 **inputs,
                 position_ids=position_ids,

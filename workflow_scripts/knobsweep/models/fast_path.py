@@ -2,7 +2,10 @@
 
 Every path runs the same transformers modules with the same knobs (run-time top-k, skipped blocks passing the
 hidden state through, vision-token resize) and the same prefill: one forward over the prompt with a
-DynamicCache, vision encoder inside it, exactly as the plain path. They differ in the decode steps:
+DynamicCache, vision encoder inside it, as the plain path. The fused paths run the prefill's experts through
+`fused_moe.moe_grouped` when the loaded implementation is transformers' `grouped_mm`: the same grouped GEMMs,
+gate and rounding without its extra passes (bit-identical on CPU; on CUDA the per-token sum of the K expert
+outputs is one Triton kernel, which may add in another order). They differ in the decode steps:
 
 | path                   | KV cache in decode | decode step            | experts / attention in decode      |
 | ---------------------- | ------------------ | ---------------------- | ---------------------------------- |
@@ -305,6 +308,24 @@ class FastDecoding:
     def clear(self) -> None:
         """Drop every decoder (their graphs bake in the knobs); called by `configure()`."""
         self.decoders.clear()
+
+    @contextmanager
+    def prefill_kernels(self) -> Iterator[None]:
+        """On fused paths, the prefill's experts through `moe_grouped` ("knobsweep_fused" serves more than
+        FUSED_MAX_TOKENS tokens with it), if the loaded implementation is transformers' grouped_mm (another
+        one, e.g. "eager", was chosen on purpose and is kept)."""
+        config = self.adapter.text_config()
+        saved = config._experts_implementation
+        if not self.spec.fused or saved != "grouped_mm":
+            yield
+            return
+        from knobsweep.models import fused_moe
+
+        config._experts_implementation = fused_moe.register()
+        try:
+            yield
+        finally:
+            config._experts_implementation = saved
 
     def decoder(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> StaticDecoder:
         """The decoder for this request's batch and cache length, built (and captured) if new."""

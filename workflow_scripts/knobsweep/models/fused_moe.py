@@ -1,18 +1,25 @@
-"""A decode-time experts path: two Triton kernels that read only the routed experts' weights.
+"""Experts paths of the fast inference paths: Triton decode kernels that read only the routed experts' weights,
+and lean grouped GEMMs for prefills and larger batches.
 
 (Moved here from bench/fused_moe.py, which now re-exports it, so that the knob engine's fast inference path
 (`fast_path.py`) and the latency benchmark run the same kernels.)
 
-At batch 1 a decode step's expert work is a handful of matrix-vector products, bound by reading the top_k
-experts' weights. transformers' `grouped_mm` path spends ~15 small kernels per block on sorting, histograms,
-gathers and scatters around two grouped GEMMs; here one kernel computes gate/up projections and the SiLU gate
-for every (token, expert) pair, and a second computes the down projections and their routing-weighted sum.
-No host synchronisation, so the step can be captured in a CUDA graph.
-
-Registered as the experts implementation "knobsweep_fused": it serves up to FUSED_MAX_TOKENS tokens per call
-(decode) and hands anything larger (a batch of more rows) to transformers' grouped_mm path (batched_mm in
-float32). On CPU, without the Triton interpreter (TRITON_INTERPRET=1), it runs the same arithmetic in torch
+Decode (up to FUSED_MAX_TOKENS tokens). At batch 1 a decode step's expert work is a handful of matrix-vector
+products, bound by reading the top_k experts' weights. transformers' `grouped_mm` path spends ~15 small kernels
+per block on sorting, histograms, gathers and scatters around two grouped GEMMs; here one kernel computes
+gate/up projections and the SiLU gate for every (token, expert) pair, a second the down projection of every
+pair, and a third their routing-weighted sum per token. No host synchronisation, so the step can be captured
+in a CUDA graph. On CPU, without the Triton interpreter (TRITON_INTERPRET=1), the same arithmetic runs in torch
 (`moe_reference`).
+
+More tokens (a prefill, a batch of more rows): `moe_grouped`, transformers' `grouped_mm` arithmetic (the same
+two grouped GEMMs on tokens sorted by expert, the same gate, the same rounding) without its extra passes over
+the (tokens x top_k, hidden) activations: transformers 5.17 masks them three times for expert parallelism
+(12 ms of a 96 ms prefill on an H100), then weights, un-permutes and sums them in three more kernels, which
+one Triton kernel does here (`_combine_kernel`). In float32 on CUDA, where torch's grouped_mm has no kernel
+and its fallback synchronises with the host (which a CUDA graph cannot capture), transformers' `batched_mm`.
+
+Registered as the experts implementation "knobsweep_fused" (`register`).
 """
 
 from __future__ import annotations
@@ -29,6 +36,11 @@ except ImportError:  # pragma: no cover - depends on the install
 
 FUSED_MAX_TOKENS = 4
 NAME = "knobsweep_fused"
+# Decode down projection: split over (token, expert) pairs from this many pairs on (measured on an H100: see
+# bench/README.md), in DOWN_BLOCK_N features per program; the combine kernel's feature block.
+SPLIT_DOWN_MIN_PAIRS = 2
+DOWN_BLOCK_N = 16
+COMBINE_BLOCK_N = 256
 
 
 def moe_reference(
@@ -119,6 +131,63 @@ if triton is not None:
             acc += part.to(out_ptr.dtype.element_ty).to(tl.float32) * weight
         tl.store(out_ptr + token * H + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
 
+    @triton.jit
+    def _down_pair_kernel(
+        act_ptr, w_ptr, ids_ptr, y_ptr, H, INTER, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr
+    ):
+        # One program: one (token, expert) pair and BLOCK_N output features of its down projection. Spreading
+        # the pairs over programs reads the experts' weights with K times more programs than `_down_kernel`.
+        pair = tl.program_id(0)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < H
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
+        base = w_ptr + expert * H * INTER
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for i0 in range(0, INTER, BLOCK_I):
+            offs_i = i0 + tl.arange(0, BLOCK_I)
+            mask_i = offs_i < INTER
+            a = tl.load(act_ptr + pair * INTER + offs_i, mask=mask_i, other=0.0).to(tl.float32)
+            w = tl.load(
+                base + offs_n[:, None] * INTER + offs_i[None, :],
+                mask=mask_n[:, None] & mask_i[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            acc += tl.sum(w * a[None, :], axis=1)
+        tl.store(y_ptr + pair * H + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+    @triton.jit
+    def _combine_kernel(
+        y_ptr,
+        rows_ptr,
+        weights_ptr,
+        out_ptr,
+        H,
+        K,
+        PAIR_ROWS: tl.constexpr,
+        ROUND_PRODUCT: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        # One program: one token and BLOCK_N features: sum over its K (expert output row x routing weight) in
+        # fp32, in expert order. PAIR_ROWS: y's rows are in pair order (token t's at t*K ...), rows_ptr unused.
+        # ROUND_PRODUCT rounds each product to y's dtype first, as torch does when y and the weights share a
+        # low-precision dtype.
+        token = tl.program_id(0)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < H
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for j in range(K):
+            if PAIR_ROWS:
+                row = (token * K + j).to(tl.int64)
+            else:
+                row = tl.load(rows_ptr + token * K + j).to(tl.int64)
+            weight = tl.load(weights_ptr + token * K + j).to(tl.float32)
+            y = tl.load(y_ptr + row * H + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            product = y * weight
+            if ROUND_PRODUCT:
+                product = product.to(y_ptr.dtype.element_ty).to(tl.float32)
+            acc += product
+        tl.store(out_ptr + token * H + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+
 
 def triton_usable(x: torch.Tensor) -> bool:
     if triton is None:
@@ -132,8 +201,13 @@ def moe_fused(
     down: torch.Tensor,
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
+    split_down: bool | None = None,
 ) -> torch.Tensor:
-    """Triton version of `moe_reference` (same arguments and result up to fp32 summation order)."""
+    """Triton version of `moe_reference` (same arguments and result up to fp32 summation order).
+
+    `split_down`: the down projection one program per (pair, feature block), then `_combine_kernel` (one more
+    launch, K times more programs reading weights), or `_down_kernel`, which walks a token's K experts in one
+    program. None: split from SPLIT_DOWN_MIN_PAIRS pairs on."""
     m, k = top_k_index.shape
     hidden = x.shape[-1]
     inter = down.shape[-1]
@@ -147,10 +221,89 @@ def moe_fused(
     _gate_up_kernel[(m * k, triton.cdiv(inter, block_n))](
         x, gate_up, ids, act, hidden, inter, k, BLOCK_N=block_n, BLOCK_H=256, num_warps=4
     )
-    _down_kernel[(m, triton.cdiv(hidden, 8))](
-        act, down, ids, weights, out, hidden, inter, k, BLOCK_N=8, BLOCK_I=256, num_warps=4
+    if split_down is None:
+        split_down = m * k >= SPLIT_DOWN_MIN_PAIRS
+    if not split_down:
+        _down_kernel[(m, triton.cdiv(hidden, 8))](
+            act, down, ids, weights, out, hidden, inter, k, BLOCK_N=8, BLOCK_I=256, num_warps=4
+        )
+        return out
+    y = torch.empty(m * k, hidden, device=x.device, dtype=x.dtype)
+    _down_pair_kernel[(m * k, triton.cdiv(hidden, DOWN_BLOCK_N))](
+        act, down, ids, y, hidden, inter, BLOCK_N=DOWN_BLOCK_N, BLOCK_I=256, num_warps=4
     )
+    _combine(y, None, weights, out, round_product=False)
     return out
+
+
+def _combine(
+    y: torch.Tensor, rows: torch.Tensor | None, weights: torch.Tensor, out: torch.Tensor, round_product: bool
+) -> None:
+    """out[t] = sum_j y[rows[t, j]] * weights[t, j] (fp32 sum over j in order), written into out (T, H);
+    rows None: y in pair order (row t*K + j)."""
+    tokens, hidden = out.shape
+    k = weights.shape[-1]
+    _combine_kernel[(tokens, triton.cdiv(hidden, COMBINE_BLOCK_N))](
+        y,
+        y if rows is None else rows,
+        weights,
+        out,
+        hidden,
+        k,
+        PAIR_ROWS=rows is None,
+        ROUND_PRODUCT=round_product,
+        BLOCK_N=COMBINE_BLOCK_N,
+        num_warps=4,
+    )
+
+
+def _grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x (S, in) sorted by group @ weight (G, in, out) per group; torch's public name where it has one."""
+    grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
+    return grouped_mm(x.to(weight.dtype), weight, offs=offsets)
+
+
+def moe_grouped(
+    experts: torch.nn.Module, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+):
+    """transformers' `grouped_mm_experts_forward` arithmetic for gated experts without bias (the families'
+    experts), minus its extra passes: sort the (token, expert) pairs by expert, gather their tokens, the gate/up
+    grouped GEMM, the experts' own gate (`_apply_gate`), the down grouped GEMM, then each token's
+    routing-weighted sum: one Triton kernel on CUDA, transformers' own ops elsewhere (bit-identical there)."""
+    tokens, k = top_k_index.shape
+    expert_ids = top_k_index.reshape(-1)
+    sorted_ids, perm = torch.sort(expert_ids)
+    # offsets[e] = pairs routed to experts 0..e (what histc + cumsum give, in one kernel)
+    bounds = torch.arange(1, experts.num_experts + 1, device=x.device, dtype=sorted_ids.dtype)
+    offsets = torch.searchsorted(sorted_ids, bounds, out_int32=True)
+    gate_up = experts.gate_up_proj if experts.is_transposed else experts.gate_up_proj.transpose(-2, -1)
+    down = experts.down_proj if experts.is_transposed else experts.down_proj.transpose(-2, -1)
+    projected = _grouped_mm(x[perm // k], gate_up, offsets)  # (S, 2I), pairs in expert order
+    y = _grouped_mm(experts._apply_gate(projected), down, offsets)  # (S, H)
+    weights = top_k_weights.reshape(tokens, k)
+    # rows[p] = where pair p (token-major order) sits in expert order
+    rows = torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=x.device))
+    product_dtype = torch.result_type(y, weights)
+    if triton_usable(x):
+        out = torch.empty(tokens, x.shape[-1], device=x.device, dtype=x.dtype)
+        _combine(y, rows, weights.contiguous(), out, round_product=product_dtype != torch.float32)
+        return out
+    weighted = y * weights.reshape(-1)[perm].unsqueeze(-1)
+    return weighted[rows].view(tokens, k, -1).sum(dim=1).to(x.dtype)
+
+
+def grouped_supported(experts: torch.nn.Module, x: torch.Tensor) -> bool:
+    """`moe_grouped` applies: gated experts without bias or post-norm, not expert-parallel, and torch has a
+    grouped_mm kernel for this dtype and device (none for float32 on CUDA)."""
+    plain = (
+        getattr(experts, "has_gate", False)
+        and not getattr(experts, "has_bias", False)
+        and not getattr(experts, "has_post_expert_norm", False)
+        and not getattr(experts, "_is_expert_parallel", False)
+        and hasattr(experts, "_apply_gate")
+    )
+    kernel = x.device.type == "cpu" or (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16))
+    return bool(plain and kernel)
 
 
 def fused_experts_forward(
@@ -158,11 +311,13 @@ def fused_experts_forward(
 ) -> torch.Tensor:
     """transformers experts-interface entry point (self: the experts module)."""
     if hidden_states.shape[0] > FUSED_MAX_TOKENS:
+        if grouped_supported(self, hidden_states):
+            return moe_grouped(self, hidden_states, top_k_index, top_k_weights)
         from transformers.integrations import moe
 
-        # Larger batches: transformers' kernels. torch's grouped_mm has no float32 CUDA kernel and its fallback
-        # reads the group offsets on the host, which CUDA-graph capture refuses; batched_mm never synchronises.
-        if hidden_states.dtype == torch.float32:
+        # torch's grouped_mm has no float32 CUDA kernel and its fallback reads the group offsets on the host,
+        # which CUDA-graph capture refuses; batched_mm never synchronises.
+        if hidden_states.dtype == torch.float32 and hidden_states.is_cuda:
             return moe.batched_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         return moe.grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     if triton_usable(hidden_states):
