@@ -3,8 +3,8 @@ block at a time over 8 blocks' weights (so that no block's experts stay in L2), 
 
 - decode (1 token, top-k 1..32): the fused Triton kernels with the down projection in one program per token
   (`split_down=False`) or split over (token, expert) pairs plus the combine kernel (`split_down=True`, for a
-  few feature-block sizes), each block's call captured in one CUDA graph of 48 calls (a decode step's worth),
-  against the bytes the routed experts must read / copy bandwidth;
+  few feature-block sizes), and a few gate/up row-block sizes, each block's call captured in one CUDA graph
+  of 48 calls (a decode step's worth), against the bytes the routed experts must read / copy bandwidth;
 - prefill (314..1898 tokens, top-k 1/8/32): transformers' `grouped_mm_experts_forward` (the version
   installed) against `moe_grouped`, un-graphed as the knob engine runs them, with the largest difference of
   their outputs.
@@ -89,15 +89,21 @@ def main(argv: list[str] | None = None) -> dict:
     expert_bytes = 3 * hidden * inter * 2
 
     result["decode"] = []
-    print("decode: top_k, floor us, unsplit us, split us by DOWN_BLOCK_N", flush=True)
+    print("decode, us per block: floor, down unsplit / split by DOWN_BLOCK_N, gate/up by block", flush=True)
     for top_k in (1, 2, 4, 8, 16, 32):
         floor_us = top_k * expert_bytes / bandwidth * 1e6
         row = {"top_k": top_k, "floor_us": floor_us}
         row["unsplit_us"] = 1e3 * decode_ms(experts, top_k, False, device, args.reps)
-        for block_n in (8, 16, 32):
+        default_down = fused_moe.DOWN_BLOCK_N
+        for block_n in (4, 8, 16):
             fused_moe.DOWN_BLOCK_N = block_n
             row[f"split{block_n}_us"] = 1e3 * decode_ms(experts, top_k, True, device, args.reps)
-        fused_moe.DOWN_BLOCK_N = 16
+        fused_moe.DOWN_BLOCK_N = default_down
+        for block_n in (4, 8, 16, 32):  # gate/up rows per program, with the default down projection
+            fused_moe.GATE_UP_BLOCK_N = block_n
+            row[f"gate_up{block_n}_us"] = 1e3 * decode_ms(experts, top_k, None, device, args.reps)
+        fused_moe.GATE_UP_BLOCK_N = None
+        row["default_us"] = 1e3 * decode_ms(experts, top_k, None, device, args.reps)
         result["decode"].append(row)
         print({k: round(v, 1) for k, v in row.items()}, flush=True)
         save_json(result, args.out)

@@ -264,7 +264,7 @@ def test_auto_and_invalid_paths(tiny_checkpoints, tiny_adapters):
     assert {"auto", "eager", "static", "static_graph", "fused", "fused_graph"} <= set(INFERENCE_PATHS)
     if CUDA:
         # The fastest path that equals the plain path's tokens (the tests of this file) is the CUDA default.
-        assert resolve_inference_path(adapter, "auto") == "fused_graph"
+        assert resolve_inference_path(adapter, "auto") == "fused_regional_graph"
     else:
         # On CPU auto is the plain path (graphs do not exist there), and graph paths are refused.
         assert resolve_inference_path(adapter, "auto") == "eager"

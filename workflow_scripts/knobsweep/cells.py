@@ -27,7 +27,9 @@ if TYPE_CHECKING:
 # handling) can change a cell's predictions or latencies: every cell's fingerprint includes it, so the
 # workflow re-runs them all. Fixes that cannot change results need no bump.
 # 2: on CUDA, `auto` became fused_graph (was eager) and images are processed on the GPU.
-INFERENCE_CODE_VERSION = "2"
+# 3: on CUDA, `auto` became fused_regional_graph; the fused paths' prefill runs its experts through
+#    `moe_grouped` and their decode splits the down projection over (token, expert) pairs.
+INFERENCE_CODE_VERSION = "3"
 
 SHARD_COLUMNS = (
     "workload",

@@ -17,13 +17,15 @@ outputs is one Triton kernel, which may add in another order). They differ in th
 | `fused_regional`       | StaticCache        | run by Python          | as `fused`, plus compiled pieces   |
 | `fused_regional_graph` | StaticCache        | CUDA graph replay      | as `fused`, plus compiled pieces   |
 
-`auto` is `fused_graph` on CUDA for the families that support it (`static_graph` without Triton) and `eager`
-elsewhere: on CPU the plain path is the simplest correct one, and graphs do not exist there.
+`auto` is `fused_regional_graph` on CUDA for the families that support it (`static_graph` without Triton) and
+`eager` elsewhere: on CPU the plain path is the simplest correct one, and graphs do not exist there.
 
-`fused_regional_graph` (and `fused_regional`, its un-graphed CPU test form) is opt-in: it compiles the pieces
-every decoder block shares once (parameters are graph inputs, so all blocks reuse one compiled graph per
-shape and top-k) the first time a decoder is built in the process (tens of seconds, untimed like the capture),
-and recompiles for each new top-k. It rounds like the compiled kernels do, not like eager bf16 code.
+`fused_regional_graph` (and `fused_regional`, its un-graphed CPU test form) compiles the pieces every decoder
+block shares once (parameters are graph inputs, so all blocks reuse one compiled graph per shape and top-k) the
+first time a decoder is built in the process (~10 s on an H100, in the first request, which the cell's warm-up
+runs untimed, like the capture), and again for each new top-k (1-3 s). It rounds like the compiled kernels
+do, not like eager bf16 code. `fused_graph` is the same without compilation (decode ~1.6x slower on the real
+model): the choice where torch.compile does not work.
 
 Static cache and graphs
 -----------------------
@@ -111,11 +113,10 @@ def resolve_inference_path(adapter: ModelAdapter, requested: str) -> str:
     if requested == "auto":
         # CPU: the plain path (no graphs; the fused kernels gain little there). CUDA: the fastest path whose
         # greedy tokens equal the plain path's on every tiny family (tests/test_fast_path.py on an H100).
-        # fused_regional_graph is faster still but compiles per top-k value: opt-in by name.
         if not cuda or not adapter.supports_static_decode:
             return "eager"
         if adapter.supports_fused_decode and triton_available():
-            return "fused_graph"
+            return "fused_regional_graph"
         return "static_graph"
     spec = PATHS[requested]
     if spec.graph and not cuda:
