@@ -99,10 +99,11 @@ def main(argv: list[str] | None = None) -> dict:
             fused_moe.DOWN_BLOCK_N = block_n
             row[f"split{block_n}_us"] = 1e3 * decode_ms(experts, top_k, True, device, args.reps)
         fused_moe.DOWN_BLOCK_N = default_down
-        for block_n in (4, 8, 16, 32):  # gate/up rows per program, with the default down projection
+        default_gate_up = fused_moe.GATE_UP_BLOCK_N
+        for block_n in (2, 4, 8, 16):  # gate/up rows per program, with the default down projection
             fused_moe.GATE_UP_BLOCK_N = block_n
             row[f"gate_up{block_n}_us"] = 1e3 * decode_ms(experts, top_k, None, device, args.reps)
-        fused_moe.GATE_UP_BLOCK_N = None
+        fused_moe.GATE_UP_BLOCK_N = default_gate_up
         row["default_us"] = 1e3 * decode_ms(experts, top_k, None, device, args.reps)
         result["decode"].append(row)
         print({k: round(v, 1) for k, v in row.items()}, flush=True)

@@ -40,7 +40,7 @@ NAME = "knobsweep_fused"
 # bench/README.md), in DOWN_BLOCK_N features per program; the combine kernel's feature block.
 SPLIT_DOWN_MIN_PAIRS = 2
 DOWN_BLOCK_N = 8
-GATE_UP_BLOCK_N: int | None = None  # rows per gate/up program; None: 8 up to 2 pairs, else 16
+GATE_UP_BLOCK_N = 4  # rows of the gate and of the up projection per program
 COMBINE_BLOCK_N = 256
 
 
@@ -217,8 +217,8 @@ def moe_fused(
     weights = top_k_weights.contiguous()
     act = torch.empty(m * k, inter, device=x.device, dtype=x.dtype)
     out = torch.empty(m, hidden, device=x.device, dtype=x.dtype)
-    # Narrow row blocks give enough programs to cover the GPU even at top_k = 1.
-    block_n = GATE_UP_BLOCK_N or (8 if m * k <= 2 else 16)
+    # Narrow row blocks: enough programs to keep every SM reading weights, even at top_k = 1.
+    block_n = GATE_UP_BLOCK_N
     _gate_up_kernel[(m * k, triton.cdiv(inter, block_n))](
         x, gate_up, ids, act, hidden, inter, k, BLOCK_N=block_n, BLOCK_H=256, num_warps=4
     )
