@@ -165,6 +165,91 @@ def test_fused_paths_run_the_prefill_experts_through_the_grouped_kernels(
     assert calls == []
 
 
+@pytest.fixture(scope="module")
+def static_prefill_adapters(tiny_checkpoints) -> dict:
+    """fused -> a qwen3_vl_moe adapter whose static decode path also runs the padded static prefill, un-graphed
+    (the graph paths run it graphed: the tests above on CUDA)."""
+    import dataclasses
+
+    from knobsweep.models.fast_path import FastDecoding
+
+    out = {}
+    for fused in (False, True):
+        adapter = load_model(
+            tiny_checkpoints[FAMILY],
+            device=TEST_DEVICE,
+            dtype="float32",
+            inference_path="fused" if fused else "static",
+        )
+        adapter._fast = FastDecoding(adapter, dataclasses.replace(adapter._fast.spec, static_prefill=True))
+        out[fused] = adapter
+    yield out
+    for adapter in out.values():
+        adapter.reset()
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["static", "fused"])
+@pytest.mark.parametrize(
+    "knobs", KNOB_SETTINGS, ids=lambda k: "-".join(f"{a}{b}" for a, b in k.items()) or "default"
+)
+def test_padded_static_prefill_gives_the_plain_paths_tokens_and_logits(
+    family_adapters, static_prefill_adapters, fused, knobs, monkeypatch
+):
+    """The graph paths' prefill logic (prompt padded to a bucket, DeepStack by index with padded rows, keys and
+    values written into the static cache) gives the plain path's tokens, and logits within float32 rounding."""
+    from knobsweep.models import fast_path
+
+    calls = []
+    original = fast_path.PrefillGraph.intercept
+    monkeypatch.setattr(
+        fast_path.PrefillGraph, "intercept", lambda self, **k: calls.append(self) or original(self, **k)
+    )
+    expected, expected_logits, _ = _run(family_adapters[FAMILY]["eager"], knobs)
+    got, got_logits, results = _run(static_prefill_adapters[fused], knobs)
+    assert got == expected
+    for step, (a, b) in enumerate(zip(got_logits, expected_logits, strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"{knobs}: step {step}")
+    (graph,) = calls  # one prefill, through the padded path
+    assert graph.length > results[0].prompt_tokens and graph.length % fast_path.PREFILL_BUCKET == 0
+    assert graph.deepstack is not None and graph.image_tokens >= VISION_TOKENS
+
+
+def test_prefill_buckets_do_not_change_the_result(static_prefill_adapters, monkeypatch):
+    """Padding is invisible to the real tokens: buckets of 16 and 128 tokens (and image buckets of 64 and 8)
+    give the same logits."""
+    from knobsweep.models import fast_path
+
+    adapter = static_prefill_adapters[True]
+    outputs = []
+    for prompt_bucket, image_bucket in ((16, 64), (128, 8)):
+        monkeypatch.setattr(fast_path, "PREFILL_BUCKET", prompt_bucket)
+        monkeypatch.setattr(fast_path, "IMAGE_BUCKET", image_bucket)
+        adapter.configure()  # drops decoders and their prefill graphs
+        outputs.append(_run(adapter, {"top_k": 3}))
+    (tokens_a, logits_a, _), (tokens_b, logits_b, _) = outputs
+    assert tokens_a == tokens_b
+    for a, b in zip(logits_a, logits_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_deepstack_by_index_equals_transformers_boolean_mask():
+    from knobsweep.models.fast_path import _deepstack_by_index
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextModel
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, 40, 8, generator=g)
+    mask = torch.zeros(1, 40, dtype=torch.bool)
+    mask[0, 5:29] = True
+    embeds = torch.randn(24, 8, generator=g)
+    expected = Qwen3VLMoeTextModel._deepstack_process(None, hidden, mask, embeds)
+    # 24 image rows padded to 32: the padded rows (zeros) point at the last (padded) position 39.
+    positions = torch.nonzero_static(mask[0], size=32, fill_value=39).view(-1)
+    padded = torch.cat([embeds, torch.zeros(8, 8)])
+    got = _deepstack_by_index(hidden, positions, padded)
+    assert torch.equal(got[:, :39], expected[:, :39])
+    assert torch.equal(got[:, 39], hidden[:, 39])  # zeros added to the padded position
+
+
 @pytest.mark.parametrize("path", FAST_PATHS)
 def test_skipped_blocks_equal_pruned_copy_on_fast_path(adapters, path):
     """The masked model on the fast path decodes like a physically pruned copy (transformers' generate)."""

@@ -217,6 +217,9 @@ class ModelAdapter:
     # (E, 2I, H) and down_proj (E, H, I), no bias).
     supports_static_decode: ClassVar[bool] = False
     supports_fused_decode: ClassVar[bool] = False
+    # The language model's prefill can be graphed (fast_path.PrefillGraph): its forward takes embeddings and
+    # positions (plus Qwen3-VL's DeepStack features) and nothing else the prefill graph does not handle.
+    supports_static_prefill: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, processor: Any, path: str | Path | None = None) -> None:
         self.model = model
@@ -565,6 +568,7 @@ class ModelAdapter:
         # A fast path's decoder (static cache, CUDA graph) is set up before the prefill's clock starts: a
         # one-off per knob setting and cache length, like loading the model.
         decoder = self._fast.decoder(inputs, max_new_tokens) if self._fast and max_new_tokens > 1 else None
+        static_prefill = decoder is not None and decoder.prepare_prefill(inputs)
         timer.mark("prefill_start")  # cache and position set-up are part of the prefill
         eos = torch.tensor(sorted(self.eos_token_ids()), device=input_ids.device)
         pad = self.pad_token_id()
@@ -572,7 +576,7 @@ class ModelAdapter:
         # The positions generate() would use (3D M-RoPE for the Qwen families), computed the same way.
         extra = {k: v for k, v in inputs.items() if k != "input_ids"}
         position_ids = model._prepare_position_ids_for_generation(input_ids, dict(extra))
-        prefill_kernels = self._fast.prefill_kernels() if self._fast else nullcontext()
+        prefill_kernels = self._fast.prefill_kernels(decoder) if self._fast else nullcontext()
         with self._timed_vision(timer), prefill_kernels:
             out = model(
                 **inputs,
@@ -584,7 +588,9 @@ class ModelAdapter:
         logits = out.logits[:, -1, :]
         self._log_logits(logits)
         next_tokens = logits.argmax(dim=-1)
-        if decoder is not None:
+        if static_prefill:
+            decoder.admit_prompt(attention_mask)  # the graphed prefill wrote into the static cache
+        elif decoder is not None:
             decoder.load_prefill(cache, attention_mask)
             del cache
         timer.mark("prefill_end")

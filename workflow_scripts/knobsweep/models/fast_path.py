@@ -27,6 +27,21 @@ runs untimed, like the capture), and again for each new top-k (1-3 s). It rounds
 do, not like eager bf16 code. `fused_graph` is the same without compilation (decode ~1.6x slower on the real
 model): the choice where torch.compile does not work.
 
+Graphed prefill (`_graph` paths, families with `supports_static_prefill`: qwen3_vl_moe)
+------------------------------------------------------------------------------------
+Un-graphed, a real-size prefill is bound by the host launching its ~4,600 kernels (on an H100 ~75-120 ms at
+any prompt length, against 31 ms graphed at 314 tokens): latencies would follow the host, not the knobs. The
+graph paths therefore also replay the language model's prefill from a CUDA graph: the vision encoder and the
+merge of its features run as usual, then the language model's forward is intercepted and its inputs
+(embeddings, positions, DeepStack features) are copied into the buffers of a graph captured for the prompt
+length rounded up to `PREFILL_BUCKET` (right padding: with causal attention the padded positions come after
+every real token and change none of them; their key/value slots are overwritten by the decode steps and
+masked until then) and the image-token count rounded up to `IMAGE_BUCKET` (padded DeepStack rows add zeros to
+a padded position). The keys and values go straight into the decoder's static cache. The measured prefill
+includes the padded positions' work: at most PREFILL_BUCKET extra tokens (<= 5% at 314 tokens, <= 0.8% at
+1898). Graphs are captured before the request's clock starts, once per (length bucket, image bucket) and
+decoder, and share one memory pool.
+
 Static cache and graphs
 -----------------------
 A `StaticDecoder` owns one static KV cache for a (batch, cache length) pair, with a no-op layer at every
@@ -74,6 +89,12 @@ INFERENCE_PATHS = (
 CACHE_BUCKET = 256
 # Decoders (static caches + graphs) kept per knob setting; the least recently used goes first.
 MAX_DECODERS = 4
+# Graphed prefill: prompt lengths are padded up to a multiple of PREFILL_BUCKET (always by at least one token,
+# a spare slot for padded DeepStack rows), image-token counts up to a multiple of IMAGE_BUCKET; at most
+# MAX_PREFILL_GRAPHS graphs per decoder.
+PREFILL_BUCKET = 16
+IMAGE_BUCKET = 64
+MAX_PREFILL_GRAPHS = 8
 
 
 @dataclass(frozen=True)
@@ -83,17 +104,18 @@ class PathSpec:
     graph: bool
     fused: bool
     regional: bool = False  # torch.compile of the RMSNorms, MoE blocks and rope in decode steps
+    static_prefill: bool = False  # the language model's prefill into the static cache, padded to a bucket
 
 
 PATHS: dict[str, PathSpec] = {
     "eager": PathSpec("eager", static_cache=False, graph=False, fused=False),
     "static": PathSpec("static", static_cache=True, graph=False, fused=False),
-    "static_graph": PathSpec("static_graph", static_cache=True, graph=True, fused=False),
+    "static_graph": PathSpec("static_graph", static_cache=True, graph=True, fused=False, static_prefill=True),
     "fused": PathSpec("fused", static_cache=True, graph=False, fused=True),
-    "fused_graph": PathSpec("fused_graph", static_cache=True, graph=True, fused=True),
+    "fused_graph": PathSpec("fused_graph", static_cache=True, graph=True, fused=True, static_prefill=True),
     "fused_regional": PathSpec("fused_regional", static_cache=True, graph=False, fused=True, regional=True),
     "fused_regional_graph": PathSpec(
-        "fused_regional_graph", static_cache=True, graph=True, fused=True, regional=True
+        "fused_regional_graph", static_cache=True, graph=True, fused=True, regional=True, static_prefill=True
     ),
 }
 
@@ -167,6 +189,10 @@ class StaticDecoder:
         self.prompt_tokens = 0
         self.logits: torch.Tensor | None = None
         self.graph: Any = None
+        # Graphed prefill: graphs by (length bucket, image bucket), sharing one memory pool; the next request's.
+        self.prefills: OrderedDict[tuple[int, int], PrefillGraph] = OrderedDict()
+        self.prefill_pool: Any = None
+        self.pending_prefill: PrefillGraph | None = None
         if spec.graph:
             try:
                 self._capture()
@@ -274,13 +300,43 @@ class StaticDecoder:
         self.mask.zero_()
 
     # ---- per request -------------------------------------------------------------------------------
+    def prepare_prefill(self, inputs: dict[str, torch.Tensor]) -> bool:
+        """Before the request's clock: the graphed prefill for this prompt's buckets, captured if new (one host
+        synchronisation to count the image tokens). False where the prefill stays the plain path's (paths
+        without it, families without support, batches of more than one row)."""
+        self.pending_prefill = None
+        adapter = self.adapter
+        if not (self.spec.static_prefill and adapter.supports_static_prefill and self.batch == 1):
+            return False
+        prompt_tokens = inputs["input_ids"].shape[1]
+        image_tokens = sum(adapter.vision_tokens_of(inputs)) if "image_grid_thw" in inputs else 0
+        key = (_round_up(prompt_tokens + 1, PREFILL_BUCKET), _round_up(image_tokens, IMAGE_BUCKET))
+        if key[0] > self.max_len:
+            return False
+        if key in self.prefills:
+            self.prefills.move_to_end(key)
+        else:
+            while len(self.prefills) >= MAX_PREFILL_GRAPHS:
+                self.prefills.popitem(last=False)
+            if self.spec.graph and self.prefill_pool is None:
+                self.prefill_pool = torch.cuda.graph_pool_handle()
+            self.prefills[key] = PrefillGraph(self, *key)
+        self.pending_prefill = self.prefills[key]
+        return True
+
     def load_prefill(self, dynamic_cache: Any, attention_mask: torch.Tensor) -> None:
         """Copy the prefill's keys/values into the static cache; the mask admits the prompt's real tokens."""
-        prompt_tokens = attention_mask.shape[1]
         for i, layer in self.layers.items():
             source = dynamic_cache.layers[i]
             layer.cumulative_length.fill_(0)
             layer.update(source.keys, source.values)  # slots 0..prompt_tokens-1; length = prompt_tokens
+        self.admit_prompt(attention_mask)
+
+    def admit_prompt(self, attention_mask: torch.Tensor) -> None:
+        """The prompt's keys/values are in the cache: the next token goes to slot prompt_tokens, the mask admits
+        the prompt's real tokens (a graphed prefill's padded slots stay masked until decode steps overwrite them)."""
+        prompt_tokens = attention_mask.shape[1]
+        self._set_length(prompt_tokens)
         self.mask.zero_()
         self.mask[:, 0, 0, :prompt_tokens] = attention_mask.bool()
         self.prompt_tokens = prompt_tokens
@@ -299,9 +355,10 @@ class StaticDecoder:
 class FastDecoding:
     """The decoders of the current knob setting, keyed by (batch, cache length)."""
 
-    def __init__(self, adapter: ModelAdapter, path: str) -> None:
+    def __init__(self, adapter: ModelAdapter, path: str | PathSpec) -> None:
         self.adapter = adapter
-        self.spec = PATHS[path]
+        # A PathSpec directly: combinations no path name has (the tests' un-graphed static prefill on CPU).
+        self.spec = path if isinstance(path, PathSpec) else PATHS[path]
         self.decoders: OrderedDict[tuple[int, int], StaticDecoder] = OrderedDict()
         # Compiled once per process and adapter, shared by every decoder (knob changes recompile by guard).
         self.regional = RegionalCompile(adapter) if self.spec.regional else None
@@ -311,22 +368,21 @@ class FastDecoding:
         self.decoders.clear()
 
     @contextmanager
-    def prefill_kernels(self) -> Iterator[None]:
-        """On fused paths, the prefill's experts through `moe_grouped` ("knobsweep_fused" serves more than
-        FUSED_MAX_TOKENS tokens with it), if the loaded implementation is transformers' grouped_mm (another
-        one, e.g. "eager", was chosen on purpose and is kept)."""
-        config = self.adapter.text_config()
-        saved = config._experts_implementation
-        if not self.spec.fused or saved != "grouped_mm":
-            yield
-            return
-        from knobsweep.models import fused_moe
-
-        config._experts_implementation = fused_moe.register()
-        try:
-            yield
-        finally:
-            config._experts_implementation = saved
+    def prefill_kernels(self, decoder: StaticDecoder | None = None) -> Iterator[None]:
+        """The prefill's experts (`prefill_experts`) and, where the decoder prepared one, the language model's
+        forward replaced by its graphed prefill."""
+        graph = decoder.pending_prefill if decoder is not None else None
+        with prefill_experts(self.adapter, self.spec):
+            if graph is None:
+                yield
+                return
+            text = self.adapter.text_model()
+            text.forward = graph.intercept
+            try:
+                yield
+            finally:
+                del text.forward  # back to the class's forward
+                decoder.pending_prefill = None
 
     def decoder(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> StaticDecoder:
         """The decoder for this request's batch and cache length, built (and captured) if new."""
@@ -344,6 +400,197 @@ class FastDecoding:
         decoder = StaticDecoder(self.adapter, self.spec, batch, key[1], positions[..., -1:], self.regional)
         self.decoders[key] = decoder
         return decoder
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return multiple * math.ceil(n / multiple)
+
+
+@contextmanager
+def prefill_experts(adapter: ModelAdapter, spec: PathSpec) -> Iterator[None]:
+    """The experts implementation of a prefill. Fused paths: `moe_grouped` ("knobsweep_fused" serves more than
+    FUSED_MAX_TOKENS tokens with it) if the loaded implementation is transformers' grouped_mm (another one,
+    e.g. "eager", was chosen on purpose and is kept). Graphed static prefills in float32: batched_mm (torch's
+    grouped_mm has no float32 CUDA kernel; its fallback synchronises, which a graph cannot capture)."""
+    config = adapter.text_config()
+    saved = config._experts_implementation
+    if saved == "grouped_mm" and spec.fused:
+        from knobsweep.models import fused_moe
+
+        config._experts_implementation = fused_moe.register()
+    elif saved == "grouped_mm" and spec.static_prefill and spec.graph and adapter.dtype == torch.float32:
+        config._experts_implementation = "batched_mm"
+    try:
+        yield
+    finally:
+        config._experts_implementation = saved
+
+
+def _deepstack_by_index(
+    hidden_states: torch.Tensor, image_positions: torch.Tensor, visual_embeds: torch.Tensor
+) -> torch.Tensor:
+    """Qwen3-VL's DeepStack injection (`_deepstack_process`) at image positions given as indices (batch 1):
+    transformers indexes with a boolean mask, which synchronises with the host. Same gather, add and scatter;
+    padded rows (zeros) all point at one padded position."""
+    hidden_states = hidden_states.clone()
+    local = hidden_states[0, image_positions] + visual_embeds.to(hidden_states.dtype)
+    hidden_states[0, image_positions] = local
+    return hidden_states
+
+
+# Arguments the language model may receive besides its inputs and the graphed prefill ignores (the cache is
+# replaced by the decoder's static one); the extra outputs only while they are not asked for.
+_IGNORED_ARGS = ("use_cache", "cache_position", "return_dict")
+_EXTRA_OUTPUTS = ("output_attentions", "output_hidden_states", "output_router_logits")
+
+
+class PrefillGraph:
+    """The language model's prefill of prompts padded to `length` tokens with up to `image_tokens` image tokens,
+    written into its decoder's static cache; replayed from a CUDA graph on graph paths (see the module
+    docstring). `intercept` stands in for the language model's forward during the request's prefill."""
+
+    def __init__(self, decoder: StaticDecoder, length: int, image_tokens: int) -> None:
+        adapter = decoder.adapter
+        device, dtype = adapter.device, adapter.dtype
+        hidden = int(adapter.text_config().hidden_size)
+        self.decoder, self.length, self.image_tokens = decoder, length, image_tokens
+        self.text = adapter.text_model()
+        self.embeds = torch.zeros(1, length, hidden, dtype=dtype, device=device)
+        self.positions = torch.zeros(*decoder.position.shape[:-1], length, dtype=torch.long, device=device)
+        self.steps = torch.arange(1, length + 1, device=device)
+        rows = torch.arange(length, device=device)[:, None]
+        cols = torch.arange(decoder.max_len, device=device)[None, :]
+        self.mask = (cols <= rows).view(1, 1, length, decoder.max_len)  # causal over the cache's slots
+        vision = getattr(adapter.model.config, "vision_config", None)
+        depth = len(getattr(vision, "deepstack_visual_indexes", ()) or ())
+        self.deepstack = (
+            torch.zeros(depth, image_tokens, hidden, dtype=dtype, device=device)
+            if depth and image_tokens
+            else None
+        )
+        self.image_positions = torch.full((image_tokens,), length - 1, dtype=torch.long, device=device)
+        self.hidden: torch.Tensor | None = None
+        self.graph: Any = None
+        if decoder.spec.graph:
+            try:
+                self._capture()
+            except Exception as error:
+                raise RuntimeError(
+                    f"{adapter.family}: capturing the prefill ({length} tokens) in a CUDA graph failed on "
+                    f"inference path {decoder.spec.name!r} ({type(error).__name__}: {error}); "
+                    "inference_path='eager' avoids graphs"
+                ) from error
+
+    def _forward(self) -> torch.Tensor:
+        adapter, decoder = self.decoder.adapter, self.decoder
+        extra = {}
+        if self.deepstack is not None:
+            extra = {
+                "visual_pos_masks": self.image_positions,
+                "deepstack_visual_embeds": list(self.deepstack),
+            }
+        self.text._deepstack_process = _deepstack_by_index
+        try:
+            out = type(self.text).forward(
+                self.text,
+                input_ids=None,
+                inputs_embeds=self.embeds,
+                position_ids=self.positions,
+                attention_mask=self.mask,
+                use_cache=True,
+                **{adapter._cache_arg: decoder.cache},
+                **extra,
+            )
+        finally:
+            del self.text._deepstack_process
+        return out.last_hidden_state
+
+    def _capture(self) -> None:
+        """As the decode step's capture: warm up on a side stream (the last warm-up fails loudly on a host
+        synchronisation), then capture into the decoder's prefill pool. Warm-ups write cache slots the
+        request's prefill overwrites."""
+        decoder = self.decoder
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with prefill_experts(decoder.adapter, decoder.spec), torch.cuda.stream(stream):
+            for i in range(2):
+                decoder._set_length(0)
+                torch.cuda.set_sync_debug_mode("error" if i == 1 else "default")
+                try:
+                    self._forward()
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.current_stream().wait_stream(stream)
+        decoder._set_length(0)
+        graph = torch.cuda.CUDAGraph()
+        with (
+            prefill_experts(decoder.adapter, decoder.spec),
+            torch.cuda.graph(graph, pool=decoder.prefill_pool),
+        ):
+            self.hidden = self._forward()
+        self.graph = graph
+
+    def intercept(
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        visual_pos_masks: torch.Tensor | None = None,
+        deepstack_visual_embeds: list[torch.Tensor] | None = None,
+        **rest: Any,
+    ) -> Any:
+        """The language model's forward for one prompt (batch 1, no padding): copy its inputs into the padded
+        buffers, run (replay) the prefill, return the real positions' hidden states."""
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
+        rest.pop(self.decoder.adapter._cache_arg, None)
+        unexpected = sorted(
+            k
+            for k, v in rest.items()
+            if (k in _EXTRA_OUTPUTS and v) or (k not in _IGNORED_ARGS + _EXTRA_OUTPUTS and v is not None)
+        )
+        if input_ids is not None or inputs_embeds is None or position_ids is None or unexpected:
+            raise RuntimeError(
+                f"graphed prefill: the language model was called with inputs it does not handle "
+                f"(input_ids given: {input_ids is not None}, embeddings: {inputs_embeds is not None}, "
+                f"positions: {position_ids is not None}, other: {unexpected})"
+            )
+        length = inputs_embeds.shape[1]
+        if length >= self.length or position_ids.shape[:-1] != self.positions.shape[:-1]:
+            raise RuntimeError(
+                f"graphed prefill: prompt of {length} tokens / positions {tuple(position_ids.shape)} do not fit "
+                f"the graph prepared for {self.length} / {tuple(self.positions.shape)}"
+            )
+        self.embeds[:, :length].copy_(inputs_embeds)
+        self.embeds[:, length:].zero_()
+        self.positions[..., :length].copy_(position_ids)
+        self.positions[..., length:].copy_(position_ids[..., -1:] + self.steps[: self.length - length])
+        if self.deepstack is not None:
+            image_tokens = deepstack_visual_embeds[0].shape[0] if deepstack_visual_embeds else 0
+            if image_tokens > self.image_tokens or len(deepstack_visual_embeds or ()) != len(self.deepstack):
+                raise RuntimeError(
+                    f"graphed prefill: {image_tokens} image tokens at {len(deepstack_visual_embeds or ())} "
+                    f"DeepStack depths do not fit the graph's {self.image_tokens} at {len(self.deepstack)}"
+                )
+            for buffer, features in zip(self.deepstack, deepstack_visual_embeds, strict=True):
+                buffer[:image_tokens].copy_(features)
+                buffer[image_tokens:].zero_()
+            found = torch.nonzero_static(
+                visual_pos_masks[0], size=self.image_tokens, fill_value=self.length - 1
+            )
+            self.image_positions.copy_(found.view(-1))
+        elif deepstack_visual_embeds:
+            raise RuntimeError(
+                "graphed prefill: DeepStack features for a graph prepared without image tokens"
+            )
+        self.decoder._set_length(0)
+        if self.graph is not None:
+            self.graph.replay()
+            hidden = self.hidden
+        else:
+            hidden = self._forward()
+        return BaseModelOutputWithPast(last_hidden_state=hidden[:, :length])
 
 
 class RegionalCompile:

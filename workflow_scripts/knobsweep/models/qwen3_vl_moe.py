@@ -60,6 +60,7 @@ class Qwen3VLMoeAdapter(QwenVisionGridAdapter):
     model_class = "Qwen3VLMoeForConditionalGeneration"
     supports_static_decode = True
     supports_fused_decode = True
+    supports_static_prefill = True
 
     def text_model(self) -> nn.Module:
         return self.model.model.language_model
