@@ -95,10 +95,11 @@ def test_fast_path_gives_the_plain_paths_tokens_and_logits(adapters, path, knobs
     got, got_logits, _ = _run(adapters[path], knobs)
     assert got == expected
     assert len(got_logits) == len(expected_logits) >= 2
-    # The prefill is the plain path's own forward: identical (on CUDA up to atomics in scatter-adds).
+    # The prefill is the plain path's own forward: identical on CPU. On CUDA the graph paths replay a graphed
+    # prefill (qwen3_vl_moe: padded, attention over the static cache): float32 rounding only.
     # Decode steps: other kernels and cache lengths, float32 rounding only.
     if CUDA:
-        torch.testing.assert_close(got_logits[0], expected_logits[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_logits[0], expected_logits[0], rtol=1e-4, atol=1e-4)
     else:
         assert torch.equal(got_logits[0], expected_logits[0])
     tol = 1e-3 if CUDA else 1e-4
@@ -376,8 +377,13 @@ def test_graph_paths_capture_once_per_setting_and_length(adapters):
         (decoder,) = adapter._fast.decoders.values()
         assert decoder.graph is not None
         graph = decoder.graph
+        prefills = dict(decoder.prefills)
         _run(adapter, {"top_k": 2})
-        assert next(iter(adapter._fast.decoders.values())).graph is graph
+        decoder = next(iter(adapter._fast.decoders.values()))
+        assert decoder.graph is graph
+        # qwen3_vl_moe graphs its prefill too: one graph per (length, image) bucket, captured once.
+        assert len(prefills) == (1 if adapter.supports_static_prefill else 0)
+        assert all(decoder.prefills[key].graph is g.graph is not None for key, g in prefills.items())
 
 
 @pytest.mark.slow
