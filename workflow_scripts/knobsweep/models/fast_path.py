@@ -308,6 +308,11 @@ class StaticDecoder:
         adapter = self.adapter
         if not (self.spec.static_prefill and adapter.supports_static_prefill and self.batch == 1):
             return False
+        # Graph-safe experts only: transformers' default grouped_mm, which `prefill_experts` runs as moe_grouped
+        # or batched_mm where its CUDA kernel is missing. Another implementation chosen at load time (e.g. the
+        # eager loop, which synchronises with the host) keeps the plain prefill.
+        if adapter.text_config()._experts_implementation != "grouped_mm":
+            return False
         prompt_tokens = inputs["input_ids"].shape[1]
         image_tokens = sum(adapter.vision_tokens_of(inputs)) if "image_grid_thw" in inputs else 0
         key = (_round_up(prompt_tokens + 1, PREFILL_BUCKET), _round_up(image_tokens, IMAGE_BUCKET))
