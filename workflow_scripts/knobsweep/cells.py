@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 # workflow re-runs them all. Fixes that cannot change results need no bump.
 # 2: on CUDA, `auto` became fused_graph (was eager) and images are processed on the GPU.
 # 3: on CUDA, `auto` became fused_regional_graph; the fused paths' prefill runs its experts through
-#    `moe_grouped` and their decode splits the down projection over (token, expert) pairs.
+#    `moe_grouped` and their decode splits the down projection over (token, expert) pairs; the graph paths
+#    replay qwen3_vl_moe's language-model prefill from CUDA graphs (padded to a bucket).
 INFERENCE_CODE_VERSION = "3"
 
 SHARD_COLUMNS = (
