@@ -169,35 +169,44 @@ def test_fused_paths_run_the_prefill_experts_through_the_grouped_kernels(
     assert tokens == _run(adapters["eager"], knobs)[0]
 
 
+# Families whose graph paths graph the prefill too.
+STATIC_PREFILL_FAMILIES = ("qwen3_vl_moe", "internvl")
+
+
 @pytest.fixture(scope="module")
 def static_prefill_adapters(tiny_checkpoints) -> dict:
-    """fused -> a qwen3_vl_moe adapter whose static decode path also runs the padded static prefill, un-graphed
+    """(family, fused) -> an adapter whose static decode path also runs the padded static prefill, un-graphed
     (the graph paths run it graphed: the tests above on CUDA)."""
     import dataclasses
 
     from knobsweep.models.fast_path import FastDecoding
 
     out = {}
-    for fused in (False, True):
-        adapter = load_model(
-            tiny_checkpoints[FAMILY],
-            device=TEST_DEVICE,
-            dtype="float32",
-            inference_path="fused" if fused else "static",
-        )
-        adapter._fast = FastDecoding(adapter, dataclasses.replace(adapter._fast.spec, static_prefill=True))
-        out[fused] = adapter
+    for family in STATIC_PREFILL_FAMILIES:
+        for fused in (False, True):
+            adapter = load_model(
+                tiny_checkpoints[family],
+                device=TEST_DEVICE,
+                dtype="float32",
+                inference_path="fused" if fused else "static",
+            )
+            assert adapter.supports_static_prefill
+            adapter._fast = FastDecoding(
+                adapter, dataclasses.replace(adapter._fast.spec, static_prefill=True)
+            )
+            out[family, fused] = adapter
     yield out
     for adapter in out.values():
         adapter.reset()
 
 
+@pytest.mark.parametrize("family", STATIC_PREFILL_FAMILIES)
 @pytest.mark.parametrize("fused", [False, True], ids=["static", "fused"])
 @pytest.mark.parametrize(
     "knobs", KNOB_SETTINGS, ids=lambda k: "-".join(f"{a}{b}" for a, b in k.items()) or "default"
 )
 def test_padded_static_prefill_gives_the_plain_paths_tokens_and_logits(
-    family_adapters, static_prefill_adapters, fused, knobs, monkeypatch
+    family_adapters, static_prefill_adapters, family, fused, knobs, monkeypatch
 ):
     """The graph paths' prefill logic (prompt padded to a bucket, DeepStack by index with padded rows, keys and
     values written into the static cache) gives the plain path's tokens, and logits within float32 rounding."""
@@ -208,14 +217,17 @@ def test_padded_static_prefill_gives_the_plain_paths_tokens_and_logits(
     monkeypatch.setattr(
         fast_path.PrefillGraph, "intercept", lambda self, **k: calls.append(self) or original(self, **k)
     )
-    expected, expected_logits, _ = _run(family_adapters[FAMILY]["eager"], knobs)
-    got, got_logits, results = _run(static_prefill_adapters[fused], knobs)
+    expected, expected_logits, _ = _run(family_adapters[family]["eager"], knobs)
+    got, got_logits, results = _run(static_prefill_adapters[family, fused], knobs)
     assert got == expected
     for step, (a, b) in enumerate(zip(got_logits, expected_logits, strict=True)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"{knobs}: step {step}")
     (graph,) = calls  # one prefill, through the padded path
     assert graph.length > results[0].prompt_tokens and graph.length % fast_path.PREFILL_BUCKET == 0
-    assert graph.deepstack is not None and graph.image_tokens >= VISION_TOKENS
+    if family == "qwen3_vl_moe":  # DeepStack features, padded to the image bucket
+        assert graph.deepstack is not None and graph.image_tokens >= VISION_TOKENS
+    else:
+        assert graph.deepstack is None and graph.image_tokens == 0
 
 
 def test_prefill_buckets_do_not_change_the_result(static_prefill_adapters, monkeypatch):
@@ -223,7 +235,7 @@ def test_prefill_buckets_do_not_change_the_result(static_prefill_adapters, monke
     give the same logits."""
     from knobsweep.models import fast_path
 
-    adapter = static_prefill_adapters[True]
+    adapter = static_prefill_adapters[FAMILY, True]
     outputs = []
     for prompt_bucket, image_bucket in ((16, 64), (128, 8)):
         monkeypatch.setattr(fast_path, "PREFILL_BUCKET", prompt_bucket)

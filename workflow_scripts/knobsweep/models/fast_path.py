@@ -27,8 +27,8 @@ runs untimed, like the capture), and again for each new top-k (1-3 s). It rounds
 do, not like eager bf16 code. `fused_graph` is the same without compilation (decode ~1.6x slower on the real
 model): the choice where torch.compile does not work.
 
-Graphed prefill (`_graph` paths, families with `supports_static_prefill`: qwen3_vl_moe)
-------------------------------------------------------------------------------------
+Graphed prefill (`_graph` paths, families with `supports_static_prefill`: qwen3_vl_moe, internvl)
+----------------------------------------------------------------------------------------------
 Un-graphed, a real-size prefill is bound by the host launching its ~4,600 kernels (on an H100 ~75-120 ms at
 any prompt length, against 31 ms graphed at 314 tokens): latencies would follow the host, not the knobs. The
 graph paths therefore also replay the language model's prefill from a CUDA graph: the vision encoder and the
@@ -314,7 +314,8 @@ class StaticDecoder:
         if adapter.text_config()._experts_implementation != "grouped_mm":
             return False
         prompt_tokens = inputs["input_ids"].shape[1]
-        image_tokens = sum(adapter.vision_tokens_of(inputs)) if "image_grid_thw" in inputs else 0
+        # Image tokens matter only for DeepStack's buffers (Qwen3-VL).
+        image_tokens = sum(adapter.vision_tokens_of(inputs)) if _deepstack_depth(adapter) else 0
         key = (_round_up(prompt_tokens + 1, PREFILL_BUCKET), _round_up(image_tokens, IMAGE_BUCKET))
         if key[0] > self.max_len:
             return False
@@ -411,6 +412,12 @@ def _round_up(n: int, multiple: int) -> int:
     return multiple * math.ceil(n / multiple)
 
 
+def _deepstack_depth(adapter: ModelAdapter) -> int:
+    """Decoder layers that receive DeepStack features (Qwen3-VL); 0 for families without them."""
+    vision = getattr(adapter.model.config, "vision_config", None)
+    return len(getattr(vision, "deepstack_visual_indexes", ()) or ())
+
+
 @contextmanager
 def prefill_experts(adapter: ModelAdapter, spec: PathSpec) -> Iterator[None]:
     """The experts implementation of a prefill. Fused paths: `moe_grouped` ("knobsweep_fused" serves more than
@@ -466,8 +473,7 @@ class PrefillGraph:
         rows = torch.arange(length, device=device)[:, None]
         cols = torch.arange(decoder.max_len, device=device)[None, :]
         self.mask = (cols <= rows).view(1, 1, length, decoder.max_len)  # causal over the cache's slots
-        vision = getattr(adapter.model.config, "vision_config", None)
-        depth = len(getattr(vision, "deepstack_visual_indexes", ()) or ())
+        depth = _deepstack_depth(adapter)
         self.deepstack = (
             torch.zeros(depth, image_tokens, hidden, dtype=dtype, device=device)
             if depth and image_tokens

@@ -30,6 +30,7 @@ class InternVLMoeAdapter(ModelAdapter):
     model_class = "InternVLForConditionalGeneration"
     supports_static_decode = True
     supports_fused_decode = True
+    supports_static_prefill = True
 
     @classmethod
     def check_config(cls, config: dict, path: Path) -> None:
