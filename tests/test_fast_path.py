@@ -169,7 +169,8 @@ def test_fused_paths_run_the_prefill_experts_through_the_grouped_kernels(
     assert tokens == _run(adapters["eager"], knobs)[0]
 
 
-# Families whose graph paths graph the prefill too.
+# Families whose static prefill logic is tested here: qwen3_vl_moe graphs it on the graph paths; internvl's is
+# ready but off (`supports_static_prefill`) until its capture has run on a GPU.
 STATIC_PREFILL_FAMILIES = ("qwen3_vl_moe", "internvl")
 
 
@@ -190,7 +191,7 @@ def static_prefill_adapters(tiny_checkpoints) -> dict:
                 dtype="float32",
                 inference_path="fused" if fused else "static",
             )
-            assert adapter.supports_static_prefill
+            adapter.supports_static_prefill = True  # internvl: on for this test only (see above)
             adapter._fast = FastDecoding(
                 adapter, dataclasses.replace(adapter._fast.spec, static_prefill=True)
             )

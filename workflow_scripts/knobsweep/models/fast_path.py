@@ -27,8 +27,8 @@ runs untimed, like the capture), and again for each new top-k (1-3 s). It rounds
 do, not like eager bf16 code. `fused_graph` is the same without compilation (decode ~1.6x slower on the real
 model): the choice where torch.compile does not work.
 
-Graphed prefill (`_graph` paths, families with `supports_static_prefill`: qwen3_vl_moe, internvl)
-----------------------------------------------------------------------------------------------
+Graphed prefill (`_graph` paths, families with `supports_static_prefill`: qwen3_vl_moe)
+------------------------------------------------------------------------------------
 Un-graphed, a real-size prefill is bound by the host launching its ~4,600 kernels (on an H100 ~75-120 ms at
 any prompt length, against 31 ms graphed at 314 tokens): latencies would follow the host, not the knobs. The
 graph paths therefore also replay the language model's prefill from a CUDA graph: the vision encoder and the

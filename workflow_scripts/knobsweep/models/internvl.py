@@ -30,7 +30,9 @@ class InternVLMoeAdapter(ModelAdapter):
     model_class = "InternVLForConditionalGeneration"
     supports_static_decode = True
     supports_fused_decode = True
-    supports_static_prefill = True
+    # The padded static prefill equals the plain path here (tests/test_fast_path.py, un-graphed on the CPU), but
+    # its CUDA-graph capture has not run on a GPU yet: off until it has.
+    supports_static_prefill = False
 
     @classmethod
     def check_config(cls, config: dict, path: Path) -> None:
