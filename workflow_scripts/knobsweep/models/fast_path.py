@@ -378,7 +378,7 @@ class FastDecoding:
         """The prefill's experts (`prefill_experts`) and, where the decoder prepared one, the language model's
         forward replaced by its graphed prefill."""
         graph = decoder.pending_prefill if decoder is not None else None
-        with prefill_experts(self.adapter, self.spec):
+        with prefill_experts(self.adapter, self.spec, graphed=graph is not None and graph.graph is not None):
             if graph is None:
                 yield
                 return
@@ -419,18 +419,18 @@ def _deepstack_depth(adapter: ModelAdapter) -> int:
 
 
 @contextmanager
-def prefill_experts(adapter: ModelAdapter, spec: PathSpec) -> Iterator[None]:
+def prefill_experts(adapter: ModelAdapter, spec: PathSpec, graphed: bool) -> Iterator[None]:
     """The experts implementation of a prefill. Fused paths: `moe_grouped` ("knobsweep_fused" serves more than
     FUSED_MAX_TOKENS tokens with it) if the loaded implementation is transformers' grouped_mm (another one,
-    e.g. "eager", was chosen on purpose and is kept). Graphed static prefills in float32: batched_mm (torch's
-    grouped_mm has no float32 CUDA kernel; its fallback synchronises, which a graph cannot capture)."""
+    e.g. "eager", was chosen on purpose and is kept). A graphed prefill in float32 otherwise: batched_mm
+    (torch's grouped_mm has no float32 CUDA kernel; its fallback synchronises, which a graph cannot capture)."""
     config = adapter.text_config()
     saved = config._experts_implementation
     if saved == "grouped_mm" and spec.fused:
         from knobsweep.models import fused_moe
 
         config._experts_implementation = fused_moe.register()
-    elif saved == "grouped_mm" and spec.static_prefill and spec.graph and adapter.dtype == torch.float32:
+    elif saved == "grouped_mm" and graphed and adapter.dtype == torch.float32:
         config._experts_implementation = "batched_mm"
     try:
         yield
@@ -523,7 +523,7 @@ class PrefillGraph:
         decoder = self.decoder
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with prefill_experts(decoder.adapter, decoder.spec), torch.cuda.stream(stream):
+        with prefill_experts(decoder.adapter, decoder.spec, graphed=True), torch.cuda.stream(stream):
             for i in range(2):
                 decoder._set_length(0)
                 torch.cuda.set_sync_debug_mode("error" if i == 1 else "default")
@@ -535,7 +535,7 @@ class PrefillGraph:
         decoder._set_length(0)
         graph = torch.cuda.CUDAGraph()
         with (
-            prefill_experts(decoder.adapter, decoder.spec),
+            prefill_experts(decoder.adapter, decoder.spec, graphed=True),
             torch.cuda.graph(graph, pool=decoder.prefill_pool),
         ):
             self.hidden = self._forward()

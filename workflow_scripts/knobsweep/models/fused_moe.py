@@ -266,7 +266,7 @@ def _grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) ->
 
 def moe_grouped(
     experts: torch.nn.Module, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-):
+) -> torch.Tensor:
     """transformers' `grouped_mm_experts_forward` arithmetic for gated experts without bias (the families'
     experts), minus its extra passes: sort the (token, expert) pairs by expert, gather their tokens, the gate/up
     grouped GEMM, the experts' own gate (`_apply_gate`), the down grouped GEMM, then each token's
