@@ -38,7 +38,7 @@ length rounded up to `PREFILL_BUCKET` (right padding: with causal attention the 
 every real token and change none of them; their key/value slots are overwritten by the decode steps and
 masked until then) and the image-token count rounded up to `IMAGE_BUCKET` (padded DeepStack rows add zeros to
 a padded position). The keys and values go straight into the decoder's static cache. The measured prefill
-includes the padded positions' work: at most PREFILL_BUCKET extra tokens (<= 5% at 314 tokens, <= 0.8% at
+includes the padded positions' work: at most PREFILL_BUCKET extra tokens (about 5% at 314 tokens, <= 0.8% at
 1898). Graphs are captured before the request's clock starts, once per (length bucket, image bucket) and
 decoder, and share one memory pool.
 
