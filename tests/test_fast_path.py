@@ -169,8 +169,35 @@ def test_fused_paths_run_the_prefill_experts_through_the_grouped_kernels(
     assert tokens == _run(adapters["eager"], knobs)[0]
 
 
-# Families whose static prefill logic is tested here: qwen3_vl_moe graphs it on the graph paths; internvl's is
-# ready but off (`supports_static_prefill`) until its capture has run on a GPU.
+@pytest.mark.parametrize("path", [p for p in FAST_PATHS if p.startswith("fused")])
+def test_fused_paths_run_each_kept_blocks_decode_attention_and_router_fused(adapters, path, monkeypatch):
+    """Decode steps of the fused paths go through `fused_attention_forward` in every kept block of the Qwen3
+    families (its logits equal the plain path's: the first test of this file) and, where Triton runs, through
+    the Triton router; ernie4_5_vl_moe keeps transformers' (other attention and router classes)."""
+    from knobsweep.models import decode_attention, fused_moe
+
+    attention_calls, route_calls = [], []
+    attend, route = decode_attention.fused_attention_forward, fused_moe.route
+    monkeypatch.setattr(
+        decode_attention,
+        "fused_attention_forward",
+        lambda m, *a, **k: attention_calls.append(id(m)) or attend(m, *a, **k),
+    )
+    monkeypatch.setattr(
+        fused_moe, "route", lambda x, w, *a: route_calls.append(w.data_ptr()) or route(x, w, *a)
+    )
+    adapter = adapters[path]
+    knobs = {"top_k": 2, "active_blocks": [1, 3, 4]}
+    _run(adapter, knobs)
+    block_of = {id(m): i for i, layer in enumerate(adapter._original_layers) for m in layer.modules()}
+    router_block = {block_of[id(r)]: r.weight.data_ptr() for r in adapter._routers}
+    fused = adapter.family in ("qwen3_vl_moe", "internvl")
+    assert sorted({block_of[c] for c in attention_calls}) == (knobs["active_blocks"] if fused else [])
+    routed = sorted(i for i, ptr in router_block.items() if ptr in route_calls)
+    assert routed == (knobs["active_blocks"] if fused and CUDA else [])
+
+
+# Families whose static prefill logic is tested here (both graph it on the graph paths).
 STATIC_PREFILL_FAMILIES = ("qwen3_vl_moe", "internvl")
 
 

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 # 3: on CUDA, `auto` became fused_regional_graph; the fused paths' prefill runs its experts through
 #    `moe_grouped` and their decode splits the down projection over (token, expert) pairs; the graph paths
 #    replay qwen3_vl_moe's language-model prefill from CUDA graphs (padded to a bucket).
-INFERENCE_CODE_VERSION = "3"
+INFERENCE_CODE_VERSION = "4"
 
 SHARD_COLUMNS = (
     "workload",

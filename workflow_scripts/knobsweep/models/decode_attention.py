@@ -246,3 +246,164 @@ def register_splitkv() -> str:
     AttentionInterface.register(SPLITKV_NAME, splitkv_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(SPLITKV_NAME, sdpa_mask)
     return SPLITKV_NAME
+
+
+# --- the whole attention of a decode step, Qwen3 style (q/k RMSNorm per head, rotary, static cache) ----------
+# transformers runs a one-token attention as ~15 kernels: three projections (the k and v GEMVs read 2 MB each
+# but cost as much as the 16 MB q one: 5.5 us each on an H100), two per-head norms, the rotary embedding, and
+# StaticLayer.update's arange, two length additions and two index_copy_ (9 us together). Here: one GEMV over
+# the concatenated q/k/v weights, one Triton kernel for the norms, the rotary embedding and the key/value
+# writes, the length increment, split-KV attention and the output projection.
+QKV_WEIGHT = "_knobsweep_qkv_weight"
+FUSED_ATTENTION_CLASSES = ("Qwen3VLMoeTextAttention", "Qwen3MoeAttention")
+
+if triton is not None:
+
+    @triton.jit
+    def _qk_norm_rope_store_kernel(
+        qkv_ptr,
+        q_norm_ptr,
+        k_norm_ptr,
+        cos_ptr,
+        sin_ptr,
+        query_ptr,
+        keys_ptr,
+        values_ptr,
+        slot_ptr,
+        S,
+        eps,
+        HQ: tl.constexpr,
+        HKV: tl.constexpr,
+        D: tl.constexpr,
+    ):
+        # One program per (row, head) of the concatenated projection: query heads, then key heads, then values.
+        b = tl.program_id(0)
+        head = tl.program_id(1)
+        half: tl.constexpr = D // 2
+        offs = tl.arange(0, half)
+        row = qkv_ptr + (b * (HQ + 2 * HKV) + head) * D
+        x1 = tl.load(row + offs).to(tl.float32)
+        x2 = tl.load(row + half + offs).to(tl.float32)
+        dtype = query_ptr.dtype.element_ty
+        slot = tl.load(slot_ptr)
+        if head < HQ + HKV:
+            # RMSNorm over the head (fp32, rounded, times the weight, rounded: transformers' order), then the
+            # rotary embedding with rotate_half's layout, in fp32 with one rounding (as the compiled rope).
+            rstd = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / D + eps)
+            if head < HQ:
+                w_ptr = q_norm_ptr
+            else:
+                w_ptr = k_norm_ptr
+            n1 = ((x1 * rstd).to(dtype).to(tl.float32) * tl.load(w_ptr + offs).to(tl.float32)).to(dtype)
+            n2 = ((x2 * rstd).to(dtype).to(tl.float32) * tl.load(w_ptr + half + offs).to(tl.float32)).to(
+                dtype
+            )
+            n1 = n1.to(tl.float32)
+            n2 = n2.to(tl.float32)
+            cos1 = tl.load(cos_ptr + b * D + offs).to(tl.float32)
+            cos2 = tl.load(cos_ptr + b * D + half + offs).to(tl.float32)
+            sin1 = tl.load(sin_ptr + b * D + offs).to(tl.float32)
+            sin2 = tl.load(sin_ptr + b * D + half + offs).to(tl.float32)
+            y1 = (n1 * cos1 - n2 * sin1).to(dtype)
+            y2 = (n2 * cos2 + n1 * sin2).to(dtype)
+            if head < HQ:
+                out = query_ptr + (b * HQ + head) * D
+            else:
+                out = keys_ptr + ((b * HKV + head - HQ) * S + slot) * D
+            tl.store(out + offs, y1)
+            tl.store(out + half + offs, y2)
+        else:
+            out = values_ptr + ((b * HKV + head - HQ - HKV) * S + slot) * D
+            tl.store(out + offs, x1.to(dtype))
+            tl.store(out + half + offs, x2.to(dtype))
+
+
+def fusable_attention(attention: torch.nn.Module) -> bool:
+    """A Qwen3-style attention the fused decode attention reproduces: per-head q/k RMSNorms, no biases, no
+    output gate, same dtype and device for q/k/v."""
+    if type(attention).__name__ not in FUSED_ATTENTION_CLASSES:
+        return False
+    projections = [getattr(attention, name, None) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    if any(p is None or getattr(p, "bias", None) is not None for p in projections):
+        return False
+    weights = [p.weight for p in projections[:3]]
+    return (
+        all(type(w) is torch.nn.Parameter for w in weights)
+        and len({(w.dtype, w.device) for w in weights}) == 1
+        and weights[0].dtype.is_floating_point
+        and hasattr(attention, "q_norm")
+        and hasattr(attention, "k_norm")
+    )
+
+
+def concatenate_qkv(attention: torch.nn.Module) -> None:
+    """Store q/k/v weights as row slices of one (q + k + v rows, hidden) tensor (idempotent): the projections
+    keep their parameters (now views), the decode step reads all three in one GEMV; no extra memory."""
+    if QKV_WEIGHT in attention.__dict__:
+        return
+    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+    weight = torch.cat([p.weight.detach() for p in projections])
+    start = 0
+    for p in projections:
+        rows = p.weight.shape[0]
+        p.weight = torch.nn.Parameter(weight[start : start + rows], requires_grad=False)
+        start += rows
+    setattr(attention, QKV_WEIGHT, weight)
+
+
+def fused_attention_forward(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    attention_mask: torch.Tensor | None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The attention's forward for one-token decode steps over a static cache (set on the instance by the fast
+    paths; anything else goes to the class's forward). Same arithmetic as transformers' up to rounding: the
+    q/k/v projection is one GEMV, the norms, rotary embedding and cache writes one Triton kernel on CUDA
+    (transformers' own ops elsewhere), attention `splitkv_attention`."""
+    from transformers.cache_utils import StaticLayer
+
+    from knobsweep.models.fused_moe import triton_usable
+
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    weight = self.__dict__.get(QKV_WEIGHT)
+    layer = cache.layers[self.layer_idx] if cache is not None and self.layer_idx < len(cache.layers) else None
+    batch, q_len, _ = hidden_states.shape
+    if q_len != 1 or weight is None or not isinstance(layer, StaticLayer) or not layer.is_initialized:
+        return type(self).forward(self, hidden_states, position_embeddings, attention_mask, **kwargs)
+    dim = self.head_dim
+    heads = self.q_proj.weight.shape[0] // dim
+    kv_heads = self.k_proj.weight.shape[0] // dim
+    qkv = F.linear(hidden_states, weight)  # (batch, 1, (heads + 2 kv_heads) * dim)
+    cos, sin = position_embeddings
+    if triton_usable(qkv) and dim % 2 == 0 and (dim // 2) & (dim // 2 - 1) == 0:
+        query = torch.empty(batch, heads, 1, dim, dtype=qkv.dtype, device=qkv.device)
+        _qk_norm_rope_store_kernel[(batch, heads + 2 * kv_heads)](
+            qkv,
+            self.q_norm.weight,
+            self.k_norm.weight,
+            cos.contiguous(),
+            sin.contiguous(),
+            query,
+            layer.keys,
+            layer.values,
+            layer.cumulative_length,
+            layer.keys.shape[2],
+            float(self.q_norm.variance_epsilon),
+            HQ=heads,
+            HKV=kv_heads,
+            D=dim,
+            num_warps=1,
+        )
+        layer.cumulative_length.add_(1)  # StaticLayer.update's bookkeeping
+        keys, values = layer.keys, layer.values
+    else:
+        import sys
+
+        rope = sys.modules[type(self).__module__].apply_rotary_pos_emb
+        q, k, v = qkv.view(batch, 1, -1, dim).split((heads, kv_heads, kv_heads), dim=2)
+        query, key = rope(self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2), cos, sin)
+        keys, values = cache.update(key, v.transpose(1, 2), self.layer_idx)
+    output, _ = splitkv_attention(self, query, keys, values, attention_mask, scaling=self.scaling)
+    return self.o_proj(output.reshape(batch, q_len, -1).contiguous()), None

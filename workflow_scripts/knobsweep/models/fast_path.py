@@ -20,6 +20,12 @@ outputs is one Triton kernel, which may add in another order). They differ in th
 `auto` is `fused_regional_graph` on CUDA for the families that support it (`static_graph` without Triton) and
 `eager` elsewhere: on CPU the plain path is the simplest correct one, and graphs do not exist there.
 
+The fused paths also replace, in decode steps only, the Qwen3 families' attention and router forwards
+(`FusedModules`): q/k/v in one GEMV over concatenated weights, one Triton kernel for the q/k norms, rotary
+embedding and cache writes (`decode_attention.fused_attention_forward`), and a Triton router
+(`fused_moe.fused_router_forward`); on CPU the attention runs transformers' ops after the GEMV and the router is
+transformers'. Other families (ernie4_5_vl_moe) keep theirs.
+
 `fused_regional_graph` (and `fused_regional`, its un-graphed CPU test form) compiles the pieces every decoder
 block shares once (parameters are graph inputs, so all blocks reuse one compiled graph per shape and top-k) the
 first time a decoder is built in the process (~10 s on an H100, in the first request, which the cell's warm-up
@@ -27,8 +33,8 @@ runs untimed, like the capture), and again for each new top-k (1-3 s). It rounds
 do, not like eager bf16 code. `fused_graph` is the same without compilation (decode ~1.6x slower on the real
 model): the choice where torch.compile does not work.
 
-Graphed prefill (`_graph` paths, families with `supports_static_prefill`: qwen3_vl_moe)
-------------------------------------------------------------------------------------
+Graphed prefill (`_graph` paths, families with `supports_static_prefill`: qwen3_vl_moe, internvl)
+----------------------------------------------------------------------------------------------
 Un-graphed, a real-size prefill is bound by the host launching its ~4,600 kernels (on an H100 ~75-120 ms at
 any prompt length, against 31 ms graphed at 314 tokens): latencies would follow the host, not the knobs. The
 graph paths therefore also replay the language model's prefill from a CUDA graph: the vision encoder and the
@@ -63,11 +69,13 @@ runs over the whole bucket.
 
 from __future__ import annotations
 
+import gc
 import math
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import MethodType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -178,8 +186,9 @@ class StaticDecoder:
         max_len: int,
         position_template: torch.Tensor,
         regional: RegionalCompile | None = None,
+        fused_modules: FusedModules | None = None,
     ) -> None:
-        self.adapter, self.spec, self.regional = adapter, spec, regional
+        self.adapter, self.spec, self.regional, self.fused_modules = adapter, spec, regional, fused_modules
         self.batch, self.max_len = batch, max_len
         device = adapter.device
         self.cache, self.layers = self._new_static_cache()
@@ -254,6 +263,8 @@ class StaticDecoder:
 
         config._experts_implementation = fused_moe.register()
         config._attn_implementation = decode_attention.register_splitkv()
+        if self.fused_modules is not None:
+            self.fused_modules.install()
         if self.regional is not None:
             self.regional.enable()
         try:
@@ -262,6 +273,8 @@ class StaticDecoder:
             config._experts_implementation, config._attn_implementation = saved
             if self.regional is not None:
                 self.regional.disable()
+            if self.fused_modules is not None:
+                self.fused_modules.uninstall()
 
     def _forward(self) -> torch.Tensor:
         adapter = self.adapter
@@ -275,29 +288,20 @@ class StaticDecoder:
         return out.logits[:, -1, :]
 
     def _capture(self) -> None:
-        """Warm up on a side stream (lazy initialisation, Triton compilation), then capture one decode step.
-        The warm-up steps write slots the real steps overwrite before reading them."""
+        """Capture one decode step (`capture_graph`). The warm-up steps write slots the real steps overwrite
+        before reading them."""
         self.mask[..., 0] = True  # warm-up steps attend to one slot (no fully masked rows)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
         with self.kernels():
-            with torch.cuda.stream(stream):
-                for i in range(2):
-                    self._set_length(0)
-                    # The last warm-up fails loudly on a host synchronisation, which would break the capture.
-                    torch.cuda.set_sync_debug_mode("error" if i == 1 else "default")
-                    try:
-                        self._forward()
-                    finally:
-                        torch.cuda.set_sync_debug_mode("default")
-            torch.cuda.current_stream().wait_stream(stream)
-            self._set_length(0)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.logits = self._forward()
-        self.graph = graph
+            self.graph, self.logits = capture_graph(self._forward, lambda: self._set_length(0))
         self._set_length(0)
         self.mask.zero_()
+
+    def release(self) -> None:
+        """Drop the graphs now: the prefill graphs refer back to their decoder, so without this a dropped
+        decoder's memory would wait for the garbage collector."""
+        self.prefills.clear()
+        self.pending_prefill = None
+        self.graph = None
 
     # ---- per request -------------------------------------------------------------------------------
     def prepare_prefill(self, inputs: dict[str, torch.Tensor]) -> bool:
@@ -368,9 +372,14 @@ class FastDecoding:
         self.decoders: OrderedDict[tuple[int, int], StaticDecoder] = OrderedDict()
         # Compiled once per process and adapter, shared by every decoder (knob changes recompile by guard).
         self.regional = RegionalCompile(adapter) if self.spec.regional else None
+        self.fused_modules = (
+            FusedModules(adapter._original_layers, adapter._routers) if self.spec.fused else None
+        )
 
     def clear(self) -> None:
         """Drop every decoder (their graphs bake in the knobs); called by `configure()`."""
+        for decoder in self.decoders.values():
+            decoder.release()
         self.decoders.clear()
 
     @contextmanager
@@ -399,13 +408,49 @@ class FastDecoding:
             self.decoders.move_to_end(key)
             return self.decoders[key]
         while len(self.decoders) >= MAX_DECODERS:
-            self.decoders.popitem(last=False)
+            self.decoders.popitem(last=False)[1].release()
         # Only the shape and dtype of the decode positions are needed here (3D M-RoPE for the Qwen families).
         extra = {k: v for k, v in inputs.items() if k != "input_ids"}
         positions = self.adapter.model._prepare_position_ids_for_generation(input_ids, extra)
-        decoder = StaticDecoder(self.adapter, self.spec, batch, key[1], positions[..., -1:], self.regional)
+        decoder = StaticDecoder(
+            self.adapter, self.spec, batch, key[1], positions[..., -1:], self.regional, self.fused_modules
+        )
         self.decoders[key] = decoder
         return decoder
+
+
+def capture_graph(
+    run: Callable[[], torch.Tensor], reset: Callable[[], None], pool: Any = None
+) -> tuple[Any, Any]:
+    """Warm `run` up twice on a side stream (lazy initialisation, Triton and torch.compile compilation; the
+    second warm-up fails loudly on a host synchronisation, which would break the capture), then capture it in a
+    CUDA graph with the garbage collector off; `reset` runs before each. Returns the graph and run's output
+    (the graph's output buffer).
+    Thread-local capture mode: only this thread's calls can invalidate the capture (a worker's other threads,
+    e.g. image preprocessing, may use CUDA meanwhile)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(2):
+            reset()
+            torch.cuda.set_sync_debug_mode("error" if i == 1 else "default")
+            try:
+                run()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.current_stream().wait_stream(stream)
+    reset()
+    graph = torch.cuda.CUDAGraph()
+    # No garbage collection during the capture: collecting a dropped decoder's graph there (its destruction
+    # frees CUDA resources) invalidates the capture. torch no longer collects before capturing; do it here.
+    gc.collect()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            output = run()
+    finally:
+        gc.enable()
+    return graph, output
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -517,29 +562,13 @@ class PrefillGraph:
         return out.last_hidden_state
 
     def _capture(self) -> None:
-        """As the decode step's capture: warm up on a side stream (the last warm-up fails loudly on a host
-        synchronisation), then capture into the decoder's prefill pool. Warm-ups write cache slots the
+        """Capture the prefill into the decoder's prefill pool (`capture_graph`). Warm-ups write cache slots the
         request's prefill overwrites."""
         decoder = self.decoder
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with prefill_experts(decoder.adapter, decoder.spec, graphed=True), torch.cuda.stream(stream):
-            for i in range(2):
-                decoder._set_length(0)
-                torch.cuda.set_sync_debug_mode("error" if i == 1 else "default")
-                try:
-                    self._forward()
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
-        torch.cuda.current_stream().wait_stream(stream)
-        decoder._set_length(0)
-        graph = torch.cuda.CUDAGraph()
-        with (
-            prefill_experts(decoder.adapter, decoder.spec, graphed=True),
-            torch.cuda.graph(graph, pool=decoder.prefill_pool),
-        ):
-            self.hidden = self._forward()
-        self.graph = graph
+        with prefill_experts(decoder.adapter, decoder.spec, graphed=True):
+            self.graph, self.hidden = capture_graph(
+                self._forward, lambda: decoder._set_length(0), pool=decoder.prefill_pool
+            )
 
     def intercept(
         self,
@@ -646,3 +675,32 @@ class RegionalCompile:
             m._compiled_call_impl = None
         if self.rope is not None:
             self.modeling.apply_rotary_pos_emb = self.rope
+
+
+class FusedModules:
+    """The fused paths' decode-step forwards for the modules that have one: Qwen3-style attentions
+    (`decode_attention.fused_attention_forward`, q/k/v weights concatenated once, here) and Qwen3 routers
+    (`fused_moe.fused_router_forward`). Installed on the instances only around decode steps; each falls back to
+    its class's forward for anything but a one-token step (on CPU the attention runs transformers' ops)."""
+
+    def __init__(self, layers: list[torch.nn.Module], routers: list[torch.nn.Module]) -> None:
+        from knobsweep.models import decode_attention, fused_moe
+
+        # (module, where its forward is defined, the forward's name): looked up at each install.
+        self.forwards: list[tuple[torch.nn.Module, Any, str]] = []
+        for layer in layers:
+            attention = getattr(layer, "self_attn", None)
+            if attention is not None and decode_attention.fusable_attention(attention):
+                decode_attention.concatenate_qkv(attention)
+                self.forwards.append((attention, decode_attention, "fused_attention_forward"))
+        for router in routers:
+            if fused_moe.fusable_router(router):
+                self.forwards.append((router, fused_moe, "fused_router_forward"))
+
+    def install(self) -> None:
+        for module, owner, name in self.forwards:
+            module.forward = MethodType(getattr(owner, name), module)
+
+    def uninstall(self) -> None:
+        for module, _, _ in self.forwards:
+            module.__dict__.pop("forward", None)

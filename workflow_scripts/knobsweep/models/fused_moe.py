@@ -190,6 +190,121 @@ if triton is not None:
         tl.store(out_ptr + token * H + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _router_logits_kernel(x_ptr, w_ptr, out_ptr, H, E, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr):
+        # One program: one token and BLOCK_E experts' logits (fp32 sums, rounded to the output dtype like a GEMM).
+        token = tl.program_id(0)
+        offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+        mask_e = offs_e < E
+        acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            offs_h = h0 + tl.arange(0, BLOCK_H)
+            mask_h = offs_h < H
+            x = tl.load(x_ptr + token * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)
+            w = tl.load(
+                w_ptr + offs_e[:, None] * H + offs_h[None, :],
+                mask=mask_e[:, None] & mask_h[None, :],
+                other=0.0,
+            )
+            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        tl.store(out_ptr + token * E + offs_e, acc.to(out_ptr.dtype.element_ty), mask=mask_e)
+
+    @triton.jit
+    def _softmax_topk_kernel(
+        logits_ptr,
+        weights_ptr,
+        ids_ptr,
+        E,
+        K,
+        RENORMALIZE: tl.constexpr,
+        BLOCK_E: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        # One program per token: softmax in fp32, the K largest probabilities in descending order (as
+        # torch.topk), optionally divided by their sum, rounded to the logits' dtype (transformers' routers).
+        # Each round takes the largest remaining (probability, lowest index) with one max over packed keys:
+        # probabilities are non-negative, so their fp32 bits order like them.
+        token = tl.program_id(0)
+        offs = tl.arange(0, BLOCK_E)
+        valid = offs < E
+        z = tl.load(logits_ptr + token * E + offs, mask=valid, other=float("-inf")).to(tl.float32)
+        p = tl.exp(z - tl.max(z, axis=0))
+        p = p / tl.sum(p, axis=0)
+        keys = (p.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (BLOCK_E - 1 - offs).to(tl.int64)
+        keys = tl.where(valid, keys, -1)
+        slots = tl.arange(0, BLOCK_K)
+        values = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        ids = tl.zeros((BLOCK_K,), dtype=tl.int64)
+        for j in range(K):
+            best = tl.max(keys, axis=0)
+            expert = BLOCK_E - 1 - (best & 0xFFFFFFFF)
+            value = (best >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+            values = tl.where(slots == j, value, values)
+            ids = tl.where(slots == j, expert, ids)
+            keys = tl.where(offs == expert, -1, keys)
+        if RENORMALIZE:
+            values = values / tl.sum(values, axis=0)
+        kept = slots < K
+        tl.store(ids_ptr + token * K + slots, ids, mask=kept)
+        tl.store(weights_ptr + token * K + slots, values.to(weights_ptr.dtype.element_ty), mask=kept)
+
+
+ROUTER_BLOCK_E = 1  # experts per program of the router GEMV: one row each keeps every SM reading
+# transformers routers the fused one reproduces: softmax over all experts, top-k, then (always, or where the
+# router's `norm_topk_prob` says so) divided by the kept probabilities' sum.
+FUSED_ROUTER_CLASSES = {"Qwen3VLMoeTextTopKRouter": True, "Qwen3MoeTopKRouter": None}
+
+
+def fusable_router(router: torch.nn.Module) -> bool:
+    return (
+        type(router).__name__ in FUSED_ROUTER_CLASSES
+        and hasattr(router, "weight")
+        and hasattr(router, "top_k")
+    )
+
+
+def route(
+    x: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: bool, block_e: int = ROUTER_BLOCK_E
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton router for a few tokens: x (T, H), weight (E, H) -> logits (T, E), top-k weights (T, K) in x's
+    dtype, top-k expert ids (T, K) int64 — the outputs of transformers' Qwen3 routers."""
+    tokens, hidden = x.shape
+    experts = weight.shape[0]
+    x = x.contiguous()
+    logits = torch.empty(tokens, experts, dtype=x.dtype, device=x.device)
+    weights = torch.empty(tokens, top_k, dtype=x.dtype, device=x.device)
+    ids = torch.empty(tokens, top_k, dtype=torch.int64, device=x.device)
+    _router_logits_kernel[(tokens, triton.cdiv(experts, block_e))](
+        x, weight, logits, hidden, experts, BLOCK_E=block_e, BLOCK_H=1024, num_warps=4
+    )
+    _softmax_topk_kernel[(tokens,)](
+        logits,
+        weights,
+        ids,
+        experts,
+        top_k,
+        RENORMALIZE=renormalize,
+        BLOCK_E=triton.next_power_of_2(experts),
+        BLOCK_K=triton.next_power_of_2(top_k),
+        num_warps=1,
+    )
+    return logits, weights, ids
+
+
+def fused_router_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A Qwen3 router's forward for decode steps (set on the instance by the fast paths): `route` for up to
+    FUSED_MAX_TOKENS tokens where Triton runs, the class's forward otherwise."""
+    x = hidden_states.reshape(-1, self.hidden_dim)
+    if x.shape[0] > FUSED_MAX_TOKENS or not triton_usable(x):
+        return type(self).forward(self, hidden_states)
+    renormalize = FUSED_ROUTER_CLASSES[type(self).__name__]
+    if renormalize is None:
+        renormalize = bool(self.norm_topk_prob)
+    return route(x, self.weight, int(self.top_k), renormalize)
+
+
 def triton_usable(x: torch.Tensor) -> bool:
     if triton is None:
         return False

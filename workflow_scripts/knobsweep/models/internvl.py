@@ -30,9 +30,8 @@ class InternVLMoeAdapter(ModelAdapter):
     model_class = "InternVLForConditionalGeneration"
     supports_static_decode = True
     supports_fused_decode = True
-    # The padded static prefill equals the plain path here (tests/test_fast_path.py, un-graphed on the CPU), but
-    # its CUDA-graph capture has not run on a GPU yet: off until it has.
-    supports_static_prefill = False
+    # Its language model takes embeddings only (no DeepStack): the graphed prefill needs no image buffers.
+    supports_static_prefill = True
 
     @classmethod
     def check_config(cls, config: dict, path: Path) -> None:

@@ -1,0 +1,179 @@
+"""The fused paths' decode-step attention and router (`fast_path.FusedModules`) against transformers' modules:
+the attention (`decode_attention.fused_attention_forward`: concatenated q/k/v GEMV, norms, rotary embedding and
+static-cache writes) and the router (`fused_moe.route`: logits GEMV, softmax, top-k, renormalisation). On CPU
+the attention runs transformers' ops after the concatenated GEMV; Triton's CPU interpreter runs the kernels."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TEST_DEVICE
+from knobsweep.models import decode_attention, fused_moe
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.model import build_model, make_config
+
+PROMPT = 5
+
+
+def compare_attention(dtype: torch.dtype, batch: int, device: str = "cpu") -> dict[str, float]:
+    """Largest absolute differences between one decode step of a Qwen3-VL-MoE attention through transformers
+    and through `fused_attention_forward` (outputs, the cache's keys and values, its length), from the same
+    static cache holding a PROMPT-token prefill."""
+    from transformers import StaticCache
+
+    torch.manual_seed(0)
+    model = build_model(make_config(tiny=True, initializer_range=0.3), device, dtype=dtype)
+    text = model.model.language_model
+    attention = text.layers[1].self_attn
+    hidden = text.config.hidden_size
+    cache = StaticCache(config=text.config, max_cache_len=16)
+    # The cache argument's name: `past_key_values` in transformers 5.17, `cache` in newer 5.x.
+    parameters = inspect.signature(type(attention).forward).parameters
+    cache_arg = "past_key_values" if "past_key_values" in parameters else "cache"
+
+    def positions(start: int, length: int) -> torch.Tensor:
+        return torch.arange(start, start + length, device=device).expand(3, batch, length)
+
+    prompt = torch.randn(batch, PROMPT, hidden, device=device, dtype=dtype)
+    causal = torch.ones(PROMPT, 16, dtype=torch.bool, device=device).tril().view(1, 1, PROMPT, 16)
+    with torch.no_grad():
+        embeddings = text.rotary_emb(prompt, positions(0, PROMPT))
+        for layer in cache.layers:  # only layer 1's is used; the rest need shapes
+            if not layer.is_initialized:
+                empty = torch.zeros(batch, 2, 0, 16, device=device, dtype=dtype)
+                layer.lazy_initialization(empty, empty)
+        type(attention).forward(
+            attention, prompt, embeddings, causal.expand(batch, 1, PROMPT, 16), **{cache_arg: cache}
+        )
+        x = torch.randn(batch, 1, hidden, device=device, dtype=dtype)
+        embeddings = text.rotary_emb(x, positions(PROMPT, 1))
+        mask = torch.zeros(batch, 1, 1, 16, dtype=torch.bool, device=device)
+        mask[..., : PROMPT + 1] = True
+        reference_cache = copy.deepcopy(cache)
+        expected, _ = type(attention).forward(attention, x, embeddings, mask, **{cache_arg: reference_cache})
+        decode_attention.concatenate_qkv(attention)
+        got, _ = decode_attention.fused_attention_forward(
+            attention, x, embeddings, mask, **{cache_arg: cache}
+        )
+    layer, reference = cache.layers[1], reference_cache.layers[1]
+    assert type(layer).__name__ == "StaticLayer", type(layer)
+    return {
+        "output": float((got - expected).abs().max()),
+        "keys": float((layer.keys - reference.keys).abs().max()),
+        "values": float((layer.values - reference.values).abs().max()),
+        "length": float(layer.cumulative_length - reference.cumulative_length),
+        "scale": float(expected.abs().max()),
+    }
+
+
+def compare_router(
+    dtype: torch.dtype, top_k: int, renormalize: bool, device: str = "cpu"
+) -> dict[str, float]:
+    """`fused_moe.route` against transformers' Qwen3-MoE router (renormalised or not) on 3 tokens."""
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
+
+    torch.manual_seed(top_k)
+    config = Qwen3MoeConfig(
+        hidden_size=64, num_experts=32, num_experts_per_tok=top_k, norm_topk_prob=renormalize
+    )
+    router = Qwen3MoeTopKRouter(config).to(device=device, dtype=dtype)
+    torch.nn.init.normal_(router.weight, std=0.3)
+    x = torch.randn(3, 64, device=device, dtype=dtype)
+    with torch.no_grad():
+        logits, weights, ids = router(x)
+        got_logits, got_weights, got_ids = fused_moe.route(x, router.weight, top_k, renormalize)
+    return {
+        "logits": float((got_logits - logits).abs().max()),
+        "weights": float((got_weights - weights).abs().max()),
+        "ids_differ": float((got_ids != ids).sum()),
+    }
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fused_attention_equals_transformers_on_cpu(batch):
+    """CPU: transformers' norms, rotary embedding and cache update after the concatenated q/k/v GEMV."""
+    diffs = compare_attention(torch.float32, batch)
+    assert (
+        diffs["output"] < 1e-5 * max(1.0, diffs["scale"]) and diffs["keys"] < 1e-5 and diffs["values"] < 1e-5
+    )
+    assert diffs["length"] == 0
+
+
+def test_concatenated_qkv_keeps_the_projections_and_shares_their_memory():
+    model = build_model(make_config(tiny=True, initializer_range=0.3), "cpu", dtype=torch.float32)
+    attention = model.model.language_model.layers[0].self_attn
+    before = [p.weight.detach().clone() for p in (attention.q_proj, attention.k_proj, attention.v_proj)]
+    decode_attention.concatenate_qkv(attention)
+    decode_attention.concatenate_qkv(attention)  # idempotent
+    weight = attention.__dict__[decode_attention.QKV_WEIGHT]
+    after = [attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    assert torch.equal(weight, torch.cat(before))
+    assert all(a.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr() for a in after)
+    assert decode_attention.fusable_attention(attention)
+    attention.q_proj.bias = torch.nn.Parameter(torch.zeros(attention.q_proj.weight.shape[0]))
+    assert not decode_attention.fusable_attention(attention)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(TEST_DEVICE == "cuda", reason="on a GPU the fast-path tests run these kernels compiled")
+def test_decode_kernels_equal_transformers_in_the_interpreter():
+    """The attention kernel (batch 1 and 2) and the router kernels (top-k 1, 3, 8; renormalised or not), run by
+    Triton's CPU interpreter in float32, against transformers (a subprocess: TRITON_INTERPRET must be set before
+    Triton is imported; ~20 s)."""
+    pytest.importorskip("triton", reason="the decode kernels need the triton package")
+    script = textwrap.dedent("""
+        import sys
+        import torch
+        torch.set_num_threads(1)
+        sys.path.insert(0, sys.argv[1])
+        from test_decode_attention import compare_attention, compare_router
+        from knobsweep.models import fused_moe
+        assert fused_moe.triton_usable(torch.zeros(1))
+        results = {f"attention_b{b}": compare_attention(torch.float32, b) for b in (1, 2)}
+        for k in (1, 3, 8):
+            for renormalize in (True, False):
+                results[f"router_k{k}_{renormalize}"] = compare_router(torch.float32, k, renormalize)
+        print(results)
+        for name, d in results.items():
+            if name.startswith("attention"):
+                assert d["output"] < 1e-5 * max(1.0, d["scale"]) and d["keys"] < 1e-5 and d["values"] < 1e-5, d
+                assert d["length"] == 0, d
+            else:
+                assert d["logits"] < 1e-5 and d["weights"] < 1e-6 and d["ids_differ"] == 0, (name, d)
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(Path(__file__).parent)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+
+
+@pytest.mark.skipif(TEST_DEVICE != "cuda", reason="compiled kernels in bf16 need a GPU")
+@pytest.mark.parametrize("batch", [1, 2])
+def test_decode_kernels_equal_transformers_on_cuda_in_bf16(batch):
+    """bf16 on a GPU: within one bf16 rounding of transformers (the rotary embedding rounds once here, three
+    times in transformers' eager code)."""
+    diffs = compare_attention(torch.bfloat16, batch, device="cuda")
+    assert diffs["keys"] <= 2**-6 * 4 and diffs["values"] == 0 and diffs["length"] == 0, diffs
+    assert diffs["output"] <= 2e-2 * max(1.0, diffs["scale"]), diffs
+    for k in (1, 8):
+        d = compare_router(torch.bfloat16, k, True, device="cuda")
+        assert d["logits"] <= 2e-2 and d["weights"] <= 1e-2, d
