@@ -15,8 +15,13 @@ Paths (bench/README.md says more):
   fused_static_graph       Triton decode experts (bench/fused_moe.py) + split-KV decode attention
                            (bench/attention.py), StaticCache, prefill and decode each in a CUDA graph;
                            prefill experts through `moe_grouped`
-  fused_regional_graph     as fused_static_graph, plus torch.compile of the norms, MoE blocks and rope,
-                           compiled once and shared by all blocks
+  fused_regional_graph_tf_attention
+                           as fused_static_graph, plus torch.compile of the norms, MoE blocks and rope,
+                           compiled once and shared by all blocks (the knob engine's `fused_regional_graph`
+                           until INFERENCE_CODE_VERSION 3)
+  fused_regional_graph     as above, with the knob engine's fused decode attention (q/k/v in one GEMV; q/k
+                           norms, rope and cache writes in one kernel) and Triton router
+                           (`fast_path.FusedModules`): its `fused_regional_graph`, `auto` on CUDA
   fused_compiled_graph     (--compiled) the whole decode step through torch.compile, default cell only
 
 Run (GPU):  PYTHONPATH=workflow_scripts python -m bench.latency --out results.json
@@ -41,6 +46,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from knobsweep.models.fast_path import FusedModules
 from transformers import DynamicCache, StaticCache
 
 from bench import attention as gqa_attention
@@ -77,6 +83,9 @@ class Path_:
     attention: str = "sdpa"  # attention implementation used for the decode step
     compile: bool = False  # whole decode step through torch.compile (then captured), default setting only
     regional: bool = False  # RMSNorms, MoE blocks and rope compiled once, shared by all blocks (CUDA only)
+    # the fused decode attention (q/k/v in one GEMV; norms, rope, cache writes in one kernel) and Triton router
+    # (`fast_path.FusedModules`) in decode steps
+    fused_forwards: bool = False
 
 
 PATHS = {
@@ -87,8 +96,24 @@ PATHS = {
     "fused_static_graph": Path_(
         "fused_static_graph", fused_moe.NAME, "static", True, gqa_attention.SPLITKV_NAME
     ),
+    # transformers' attention and router around the fused experts: the knob engine's `fused_regional_graph`
+    # until INFERENCE_CODE_VERSION 3
+    "fused_regional_graph_tf_attention": Path_(
+        "fused_regional_graph_tf_attention",
+        fused_moe.NAME,
+        "static",
+        True,
+        gqa_attention.SPLITKV_NAME,
+        regional=True,
+    ),
     "fused_regional_graph": Path_(
-        "fused_regional_graph", fused_moe.NAME, "static", True, gqa_attention.SPLITKV_NAME, regional=True
+        "fused_regional_graph",
+        fused_moe.NAME,
+        "static",
+        True,
+        gqa_attention.SPLITKV_NAME,
+        regional=True,
+        fused_forwards=True,
     ),
 }
 # Compiles for ~1.5 min per knob setting (top_k and the block list are baked in): run with --compiled, default
@@ -251,6 +276,9 @@ class Runner:
         self.cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
         self.static_cache = None
         self.regional = Regional(model) if device == "cuda" else None  # inductor on CPU: slow, not needed
+        layers = list(self.lm.layers)
+        # q/k/v weights concatenated now (views: no extra memory), before any graph is captured.
+        self.fused_forwards = FusedModules(layers, [layer.mlp.gate for layer in layers])
 
     # --- path selection
     def use(self, path: Path_) -> None:
@@ -413,6 +441,8 @@ class StaticDecoder(Captured):
         r = self.r
         regional = r.path.regional and r.regional is not None
         r.set_attention(r.path.attention)
+        if r.path.fused_forwards:
+            r.fused_forwards.install()
         if regional:
             r.regional.enable()
         try:
@@ -420,6 +450,8 @@ class StaticDecoder(Captured):
         finally:
             if regional:
                 r.regional.disable()
+            if r.path.fused_forwards:
+                r.fused_forwards.uninstall()
             r.set_attention("sdpa")
 
     def prepare(self, token: int | torch.Tensor, position: int, length: int) -> None:
@@ -604,8 +636,9 @@ def kernel_checks(config, device: str) -> dict:
     return out
 
 
-def kernel_profile(fn: Callable[[], object], warmup: int = 2) -> dict:
-    """GPU kernels of one call of fn (not graph-captured): busy time, count, time by category, top kernels."""
+def kernel_profile(fn: Callable[[], object], warmup: int = 2, trace: Path | None = None) -> dict:
+    """GPU kernels of one call of fn (a graph replay shows the graph's kernels): busy time, count, time by
+    category, top kernels; the Chrome trace (kernel order and gaps) written to `trace` if given."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(warmup):
@@ -614,6 +647,8 @@ def kernel_profile(fn: Callable[[], object], warmup: int = 2) -> dict:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
+    if trace is not None:
+        prof.export_chrome_trace(str(trace))
     kernels = []
     for evt in prof.key_averages():
         t_us = getattr(evt, "self_device_time_total", None)
@@ -648,7 +683,7 @@ def kernel_profile(fn: Callable[[], object], warmup: int = 2) -> dict:
         "by_category": {
             k: {"launches": v[0], "ms": v[1]} for k, v in sorted(by_cat.items(), key=lambda x: -x[1][1])
         },
-        "top_kernels": [{"name": n[:120], "launches": c, "ms": m} for n, c, m in kernels[:15]],
+        "top_kernels": [{"name": n[:120], "launches": c, "ms": m} for n, c, m in kernels[:40]],
     }
 
 
@@ -793,6 +828,12 @@ def main(argv: list[str] | None = None) -> dict:
         help="start the --compiled phase only if less than this many seconds have passed",
     )
     p.add_argument(
+        "--profile-traces",
+        type=Path,
+        default=None,
+        help="with --profile: a folder for the Chrome traces of the graphed decode steps (kernel order, gaps)",
+    )
+    p.add_argument(
         "--compiled",
         action="store_true",
         help="also time the torch.compile'd fused decode step at the default setting (slow to compile)",
@@ -917,7 +958,7 @@ def main(argv: list[str] | None = None) -> dict:
         for path in which:
             if path.name == "eager" and index >= args.eager_settings:
                 continue
-            # Static paths time their prefill too (masked sdpa); fused_regional_graph's is fused_static_graph's.
+            # Static paths time their prefill too (masked sdpa); the regional paths' is fused_static_graph's.
             try:
                 res = measure_setting(
                     runner,
@@ -1015,6 +1056,12 @@ def main(argv: list[str] | None = None) -> dict:
                 profiles[f"{path.name} decode (not graphed)"] = kernel_profile(
                     lambda d=decoder: (runner.set_static_length(inp.prompt_tokens), d.run())
                 )
+                if use_graph and path.graph:
+                    decoder.capture(True)
+                    trace = args.profile_traces / f"{path.name}_decode.json" if args.profile_traces else None
+                    profiles[f"{path.name} decode (graphed)"] = kernel_profile(
+                        lambda d=decoder: (runner.set_static_length(inp.prompt_tokens), d.run()), trace=trace
+                    )
                 del decoder
             except Exception as e:  # noqa: BLE001 - a failing path is reported, the rest still measured
                 errors.append({"path": path.name, "cell": "profile", "error": f"{type(e).__name__}: {e}"})

@@ -277,12 +277,14 @@ def test_benchmark_runs_end_to_end_on_cpu(tmp_path):
         "grouped_mm_static_graph",
         "lean_grouped",
         "fused_static_graph",
+        "fused_regional_graph_tf_attention",
         "fused_regional_graph",
     }
     assert set(result["paths"]) == paths
     measured = {(r["path"], r["stage"]) for r in result["rows"]}
     assert {(p, "decode") for p in paths} <= measured
-    assert {(p, "prefill") for p in paths - {"fused_regional_graph"}} | {("all", "vision")} <= measured
+    regional = {"fused_regional_graph", "fused_regional_graph_tf_attention"}
+    assert {(p, "prefill") for p in paths - regional} | {("all", "vision")} <= measured
     assert not result["errors"]
     for r in result["rows"]:
         assert (
@@ -316,7 +318,7 @@ def test_regional_compile_is_shared_by_all_blocks_and_exact(tiny_fp32):
     dynamo.reset()
     counters.clear()
     regional = Regional(model)
-    x = torch.randn(1, 1, 64)
+    x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(0))
     positions = torch.zeros(3, 1, 1, dtype=torch.long)
     try:
         with torch.no_grad():
@@ -329,5 +331,6 @@ def test_regional_compile_is_shared_by_all_blocks_and_exact(tiny_fp32):
         model.set_experts_implementation("grouped_mm")
     # 3 RMSNorm shapes, the MoE block, rope: one graph each, whatever the number of blocks (6 here).
     assert counters["stats"]["unique_graphs"] <= 5
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # fp32 summation order only (inductor reorders the norms' reductions): ~1e-6 on outputs of order 1.
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_again, got, rtol=0, atol=0)
