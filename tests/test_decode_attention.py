@@ -127,6 +127,24 @@ def test_concatenated_qkv_keeps_the_projections_and_shares_their_memory():
     assert not decode_attention.fusable_attention(attention)
 
 
+def test_fused_modules_install_and_remove_only_their_own_forwards():
+    """FusedModules takes every Qwen3 attention and router except a module whose instance already has a forward
+    (e.g. an offloading hook), which it leaves as it is; uninstall restores the class's forwards."""
+    from knobsweep.models.fast_path import FusedModules
+
+    model = build_model(make_config(tiny=True, initializer_range=0.3), "cpu", dtype=torch.float32)
+    layers = list(model.model.language_model.layers)
+    hooked = layers[2].self_attn
+    hooked.forward = lambda *a, **k: None
+    fused = FusedModules(layers, [layer.mlp.gate for layer in layers])
+    modules = [m for m, _, _ in fused.forwards]
+    assert len(modules) == 2 * len(layers) - 1 and hooked not in modules
+    fused.install()
+    assert all(m.forward.__func__ is getattr(owner, name) for m, owner, name in fused.forwards)
+    fused.uninstall()
+    assert all("forward" not in m.__dict__ for m in modules) and "forward" in hooked.__dict__
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(TEST_DEVICE == "cuda", reason="on a GPU the fast-path tests run these kernels compiled")
 def test_decode_kernels_equal_transformers_in_the_interpreter():

@@ -441,8 +441,9 @@ def capture_graph(
     torch.cuda.current_stream().wait_stream(stream)
     reset()
     graph = torch.cuda.CUDAGraph()
-    # No garbage collection during the capture: collecting a dropped decoder's graph there (its destruction
-    # frees CUDA resources) invalidates the capture. torch no longer collects before capturing; do it here.
+    # No garbage collection during the capture: in the GPU tests a collection there (of dropped decoders'
+    # objects; which one's destruction was not pinned down, a lone CUDAGraph's is harmless) invalidated it.
+    # torch no longer collects before capturing; do it here.
     gc.collect()
     gc.disable()
     try:
@@ -686,15 +687,20 @@ class FusedModules:
     def __init__(self, layers: list[torch.nn.Module], routers: list[torch.nn.Module]) -> None:
         from knobsweep.models import decode_attention, fused_moe
 
-        # (module, where its forward is defined, the forward's name): looked up at each install.
+        # (module, where its forward is defined, the forward's name): looked up at each install. Modules whose
+        # instance already has its own forward (e.g. accelerate's offloading hooks) are left alone.
         self.forwards: list[tuple[torch.nn.Module, Any, str]] = []
         for layer in layers:
             attention = getattr(layer, "self_attn", None)
-            if attention is not None and decode_attention.fusable_attention(attention):
+            if (
+                attention is not None
+                and "forward" not in attention.__dict__
+                and decode_attention.fusable_attention(attention)
+            ):
                 decode_attention.concatenate_qkv(attention)
                 self.forwards.append((attention, decode_attention, "fused_attention_forward"))
         for router in routers:
-            if fused_moe.fusable_router(router):
+            if "forward" not in router.__dict__ and fused_moe.fusable_router(router):
                 self.forwards.append((router, fused_moe, "fused_router_forward"))
 
     def install(self) -> None:
