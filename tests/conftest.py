@@ -5,6 +5,8 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -32,6 +34,20 @@ torch.set_num_threads(1)
 TEST_DEVICE = os.environ.get("KNOBSWEEP_TEST_DEVICE", "cpu")
 # Families the knob-engine tests run on (each built as a tiny random checkpoint with 6 blocks).
 TINY_FAMILIES = ("qwen3_vl_moe", "qwen3_5_moe", "internvl", "ernie4_5_vl_moe")
+
+
+def run_in_triton_interpreter(script: str, *args: object, timeout: int = 300) -> None:
+    """Run `script` (`python -c`, `args` as sys.argv[1:]) in a subprocess with Triton's CPU interpreter on
+    (TRITON_INTERPRET must be set before Triton is imported); fail with its output if it fails."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
 
 
 @pytest.fixture(scope="session")

@@ -4,15 +4,14 @@ kernels against torch references, and an end-to-end run on CPU with the tiny con
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_in_triton_interpreter
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,16 +197,7 @@ def test_triton_kernels_match_references_in_the_interpreter():
         print(errors)
         assert all(e < 1e-5 for e in errors.values()), errors
     """)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", script, str(ROOT)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_in_triton_interpreter(script, str(ROOT))
 
 
 def test_settings_blocks_and_grids():

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import copy
 import inspect
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEST_DEVICE
+from conftest import TEST_DEVICE, run_in_triton_interpreter
 from knobsweep.models import decode_attention, fused_moe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,16 +170,7 @@ def test_decode_kernels_equal_transformers_in_the_interpreter():
             else:
                 assert d["logits"] < 1e-5 and d["weights"] < 1e-6 and d["ids_differ"] == 0, (name, d)
     """)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", script, str(Path(__file__).parent)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    run_in_triton_interpreter(script, str(Path(__file__).parent))
 
 
 @pytest.mark.skipif(TEST_DEVICE != "cuda", reason="compiled kernels in bf16 need a GPU")

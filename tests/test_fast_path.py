@@ -8,16 +8,13 @@ float32. The CUDA-graph paths need a GPU: those tests run with KNOBSWEEP_TEST_DE
 from __future__ import annotations
 
 import copy
-import os
 import shutil
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEST_DEVICE, make_image
+from conftest import TEST_DEVICE, make_image, run_in_triton_interpreter
 from knobsweep.models import STAGES, load_model
 from knobsweep.models.fast_path import CACHE_BUCKET, INFERENCE_PATHS, cache_length, resolve_inference_path
 from test_models_knobs import IMAGES, PROMPTS, _strip, pruned_copy
@@ -459,16 +456,7 @@ def test_fused_path_runs_the_triton_kernels_exactly_in_the_interpreter(tiny_chec
         assert calls["triton"] > 0, "the Triton kernels did not run"
         assert tokens["fused"] == tokens["eager"], tokens
     """)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", script, str(tiny_checkpoints[FAMILY]), str(Path(__file__).parent)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    run_in_triton_interpreter(script, str(tiny_checkpoints[FAMILY]), str(Path(__file__).parent), timeout=600)
 
 
 @pytest.mark.slow

@@ -4,15 +4,13 @@ references in Triton's CPU interpreter, and which implementation serves which in
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEST_DEVICE
+from conftest import TEST_DEVICE, run_in_triton_interpreter
 from knobsweep.models import fused_moe
 from transformers.integrations import moe
 
@@ -142,13 +140,4 @@ def test_triton_experts_kernels_match_references_in_the_interpreter():
         print(errors)
         assert len(errors) == 7 and all(e < 1e-5 for e in errors.values()), errors
     """)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", script, str(ROOT), str(ROOT / "workflow_scripts")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    run_in_triton_interpreter(script, str(ROOT), str(ROOT / "workflow_scripts"))

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 # 3: on CUDA, `auto` became fused_regional_graph; the fused paths' prefill runs its experts through
 #    `moe_grouped` and their decode splits the down projection over (token, expert) pairs; the graph paths
 #    replay qwen3_vl_moe's language-model prefill from CUDA graphs (padded to a bucket).
+# 4: the fused paths' decode steps run the Qwen3 families' attention and router fused (`FusedModules`);
+#    internvl's prefill is graphed too.
 INFERENCE_CODE_VERSION = "4"
 
 SHARD_COLUMNS = (

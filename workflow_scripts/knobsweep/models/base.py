@@ -355,7 +355,8 @@ class ModelAdapter:
     def set_inference_path(self, path: str = "auto") -> str:
         """Choose how decode steps run (see `fast_path.py`): "eager" (DynamicCache, the plain path), "static",
         "static_graph", "fused", "fused_graph", "fused_regional", "fused_regional_graph" or "auto" (the fastest
-        supported path on CUDA, "eager" on CPU). Returns the path chosen. Greedy tokens and knob semantics are the same on every path."""
+        supported path on CUDA, "eager" on CPU). Returns the path chosen. Greedy tokens and knob semantics are
+        the same on every path."""
         chosen = resolve_inference_path(self, path)
         self._fast = None if chosen == "eager" else FastDecoding(self, chosen)
         self.inference_path = chosen
