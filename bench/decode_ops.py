@@ -13,7 +13,11 @@ the replays, time divided by the copies. Candidates:
 - `router_eager` / `router_compiled`: router GEMV + softmax + top-k + renormalisation; `router_triton_e*`: the
   fast paths' Triton router (`fused_moe.route`, * experts per program of its GEMV);
 - `pre_attention_fused`: the fast paths' attention up to split-KV attention (q/k/v GEMV, one kernel for the
-  norms, rope and cache writes, the length increment), against ~12 kernels in transformers' code.
+  norms, rope and cache writes, the length increment), against ~12 kernels in transformers' code;
+- `o_proj_linear_add`: cuBLAS output projection then the residual addition (transformers' two kernels), against
+  `o_proj_gemv_n*_k*_w*`: the Triton GEMV with the addition in its epilogue (`decode_attention.gemv`: rows per
+  program, columns per iteration, warps), and `qkv_gemv_*` the same kernel for the q/k/v projection;
+- `experts_*`: the decode experts kernels (`fused_moe`) at top-k 8 and 1 with their launch parameters swept.
 
 Run: python -m bench.decode_ops --out bench/results/<card>_decode_ops.json
 """
@@ -104,6 +108,67 @@ def per_op_us(make: Callable[[int], Callable[[], object]], copies: int, reps: in
     return times[len(times) // 2]
 
 
+def expert_cases(blocks: int, x: torch.Tensor, residual: torch.Tensor) -> dict:
+    """The decode experts' kernels (one token; distinct experts per copy: only the routed ones, E = top-k) at
+    the real shapes, with their launch parameters swept, and `moe_fused` as the fast paths call it."""
+    from knobsweep.models import fused_moe
+
+    inter, dev, bf = 768, x.device, x.dtype
+    cases: dict[str, Callable[[int], Callable[[], object]]] = {}
+    for k in (8, 4, 2, 1):
+        gate_up = [torch.randn(k, 2 * inter, HIDDEN, device=dev, dtype=bf) * 0.02 for _ in range(blocks)]
+        down = [torch.randn(k, HIDDEN, inter, device=dev, dtype=bf) * 0.02 for _ in range(blocks)]
+        ids = torch.arange(k, device=dev).view(1, k)
+        weights = torch.full((1, k), 1.0 / k, device=dev, dtype=bf)
+        act = torch.empty(k, inter, device=dev, dtype=bf)
+        y = torch.empty(k, HIDDEN, device=dev, dtype=bf)
+        out = torch.empty(1, HIDDEN, device=dev, dtype=bf)
+        cases[f"experts_k{k}_moe_fused"] = lambda i, g=gate_up, d=down, ids=ids, w=weights: (
+            lambda: fused_moe.moe_fused(x, g[i], d[i], ids, w, residual=residual)
+        )
+        for bn, bh, nw in ((4, 256, 4), (4, 512, 4), (2, 1024, 8), (4, 1024, 8), (4, 2048, 8), (8, 1024, 8)):
+
+            def gate_up_case(i, g=gate_up, ids=ids, act=act, k=k, bn=bn, bh=bh, nw=nw):
+                grid = (k, triton.cdiv(inter, bn))
+                return lambda: fused_moe._gate_up_kernel[grid](
+                    x, g[i], ids, act, HIDDEN, inter, k, BLOCK_N=bn, BLOCK_H=bh, num_warps=nw
+                )
+
+            cases[f"experts_k{k}_gate_up_n{bn}_h{bh}_w{nw}"] = gate_up_case
+        for bn, bi, nw in ((8, 256, 4), (4, 256, 4), (4, 512, 4), (8, 512, 8), (4, 1024, 8), (16, 256, 4)):
+            if k == 1:  # one pair: the down kernel that also weights and sums (no combine kernel)
+
+                def down_case(i, d=down, ids=ids, w=weights, act=act, out=out, bn=bn, bi=bi, nw=nw):
+                    grid = (1, triton.cdiv(HIDDEN, bn))
+                    return lambda: fused_moe._down_kernel[grid](
+                        act,
+                        d[i],
+                        ids,
+                        w,
+                        out,
+                        out,
+                        HIDDEN,
+                        inter,
+                        1,
+                        HAS_RESIDUAL=False,
+                        BLOCK_N=bn,
+                        BLOCK_I=bi,
+                        num_warps=nw,
+                    )
+
+                cases[f"experts_k1_down_n{bn}_i{bi}_w{nw}"] = down_case
+                continue
+
+            def down_pair_case(i, d=down, ids=ids, act=act, y=y, k=k, bn=bn, bi=bi, nw=nw):
+                grid = (k, triton.cdiv(HIDDEN, bn))
+                return lambda: fused_moe._down_pair_kernel[grid](
+                    act, d[i], ids, y, HIDDEN, inter, BLOCK_N=bn, BLOCK_I=bi, num_warps=nw
+                )
+
+            cases[f"experts_k{k}_down_pair_n{bn}_i{bi}_w{nw}"] = down_pair_case
+    return cases
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
@@ -183,6 +248,19 @@ def main(argv: list[str] | None = None) -> dict:
             return run
 
         cases["pre_attention_fused"] = pre_attention
+        cases["o_proj_linear_add"] = lambda i: lambda: residual + F.linear(attn, w_o[i])
+        for bn, bk, nw in ((2, 512, 4), (4, 512, 4), (2, 1024, 8), (4, 1024, 8), (4, 2048, 8), (8, 1024, 8)):
+            cases[f"o_proj_gemv_n{bn}_k{bk}_w{nw}"] = lambda i, bn=bn, bk=bk, nw=nw: (
+                lambda: decode_attention.gemv(attn, w_o[i], residual, bn, bk, nw)
+            )
+        for bn, bk, nw in ((4, 512, 4), (2, 1024, 8), (4, 1024, 8), (4, 2048, 8), (8, 1024, 8)):
+            cases[f"qkv_gemv_n{bn}_k{bk}_w{nw}"] = lambda i, bn=bn, bk=bk, nw=nw: (
+                lambda: decode_attention.gemv(x, w_qkv[i], None, bn, bk, nw)
+            )
+        ref = (residual.float() + F.linear(attn, w_o[0]).float()).to(bf).float()
+        got = decode_attention.gemv(attn, w_o[0], residual).float()
+        results["o_proj_gemv_rel_err"] = float((got - ref).norm() / ref.norm())
+        cases.update(expert_cases(L, x, residual))
         for block_n in (4, 8, 16, 32):
             cases[f"rms_qkv_triton_n{block_n}"] = lambda i, b=block_n: (
                 lambda: rms_gemv(x.view(-1), w_norm[i], w_qkv[i], b)
@@ -197,6 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
     size = 2
     results["bytes_qkv"] = n_qkv * HIDDEN * size
     results["bytes_o"] = HIDDEN * q_rows * size
+    results["bytes_experts_k8"] = 8 * 3 * 768 * HIDDEN * size
     out = {
         "benchmark": "decode_ops",
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -19,9 +19,15 @@ Paths (bench/README.md says more):
                            as fused_static_graph, plus torch.compile of the norms, MoE blocks and rope,
                            compiled once and shared by all blocks (the knob engine's `fused_regional_graph`
                            until INFERENCE_CODE_VERSION 3)
-  fused_regional_graph     as above, with the knob engine's fused decode attention (q/k/v in one GEMV; q/k
+  fused_regional_graph_separate_adds
+                           as above, with the knob engine's fused decode attention (q/k/v in one GEMV; q/k
                            norms, rope and cache writes in one kernel) and Triton router
-                           (`fast_path.FusedModules`): its `fused_regional_graph`, `auto` on CUDA
+                           (`fast_path.FusedModules`; its `fused_regional_graph` in INFERENCE_CODE_VERSION 4)
+  fused_regional_graph     as above, with whole-block forwards: the residual additions in the output
+                           projection's (a Triton GEMV) and the experts' kernels, the cache length advanced in
+                           the split-KV combine kernel (`decode_block`); its prefill with the graphed-prefill
+                           forwards (prompt attention over the prompt's own slots, Triton norms and router):
+                           the knob engine's `fused_regional_graph`, `auto` on CUDA
   fused_compiled_graph     (--compiled) the whole decode step through torch.compile, default cell only
 
 Run (GPU):  PYTHONPATH=workflow_scripts python -m bench.latency --out results.json
@@ -86,6 +92,12 @@ class Path_:
     # the fused decode attention (q/k/v in one GEMV; norms, rope, cache writes in one kernel) and Triton router
     # (`fast_path.FusedModules`) in decode steps
     fused_forwards: bool = False
+    # with fused_forwards: also the whole-block forwards (residual additions in the output projection's and the
+    # experts' kernels, `decode_block`)
+    fused_blocks: bool = False
+    # the prefill with the knob engine's graphed-prefill forwards (`FusedModules.install(prefill=True)`: prompt
+    # attention over the prompt's own slots, Triton norms and router); else transformers' modules
+    fused_prefill: bool = False
 
 
 PATHS = {
@@ -106,6 +118,17 @@ PATHS = {
         gqa_attention.SPLITKV_NAME,
         regional=True,
     ),
+    # the fused attention and router, residual additions as kernels of their own: the knob engine's
+    # `fused_regional_graph` in INFERENCE_CODE_VERSION 4
+    "fused_regional_graph_separate_adds": Path_(
+        "fused_regional_graph_separate_adds",
+        fused_moe.NAME,
+        "static",
+        True,
+        gqa_attention.SPLITKV_NAME,
+        regional=True,
+        fused_forwards=True,
+    ),
     "fused_regional_graph": Path_(
         "fused_regional_graph",
         fused_moe.NAME,
@@ -114,6 +137,8 @@ PATHS = {
         gqa_attention.SPLITKV_NAME,
         regional=True,
         fused_forwards=True,
+        fused_blocks=True,
+        fused_prefill=True,
     ),
 }
 # Compiles for ~1.5 min per knob setting (top_k and the block list are baked in): run with --compiled, default
@@ -278,7 +303,10 @@ class Runner:
         self.regional = Regional(model) if device == "cuda" else None  # inductor on CPU: slow, not needed
         layers = list(self.lm.layers)
         # q/k/v weights concatenated now (views: no extra memory), before any graph is captured.
-        self.fused_forwards = FusedModules(layers, [layer.mlp.gate for layer in layers])
+        self.fused_modules = {
+            blocks: FusedModules(layers, [layer.mlp.gate for layer in layers], blocks=blocks)
+            for blocks in (False, True)
+        }
 
     # --- path selection
     def use(self, path: Path_) -> None:
@@ -405,7 +433,15 @@ class StaticPrefill(Captured):
         return 0
 
     def _forward(self) -> torch.Tensor:
-        return self.r.prefill(self.inputs, self.vision_embeds, self.deepstack, self.r.static_cache, self.mask)
+        r = self.r
+        fused = r.fused_modules[True] if r.path.fused_prefill else None
+        if fused is not None:
+            fused.install(prefill=True)  # the prompt attention relies on the empty cache (_start_length 0)
+        try:
+            return r.prefill(self.inputs, self.vision_embeds, self.deepstack, r.static_cache, self.mask)
+        finally:
+            if fused is not None:
+                fused.uninstall()
 
 
 class StaticDecoder(Captured):
@@ -441,8 +477,9 @@ class StaticDecoder(Captured):
         r = self.r
         regional = r.path.regional and r.regional is not None
         r.set_attention(r.path.attention)
-        if r.path.fused_forwards:
-            r.fused_forwards.install()
+        fused = r.fused_modules[r.path.fused_blocks] if r.path.fused_forwards else None
+        if fused is not None:
+            fused.install()
         if regional:
             r.regional.enable()
         try:
@@ -450,8 +487,8 @@ class StaticDecoder(Captured):
         finally:
             if regional:
                 r.regional.disable()
-            if r.path.fused_forwards:
-                r.fused_forwards.uninstall()
+            if fused is not None:
+                fused.uninstall()
             r.set_attention("sdpa")
 
     def prepare(self, token: int | torch.Tensor, position: int, length: int) -> None:
@@ -958,7 +995,8 @@ def main(argv: list[str] | None = None) -> dict:
         for path in which:
             if path.name == "eager" and index >= args.eager_settings:
                 continue
-            # Static paths time their prefill too (masked sdpa); the regional paths' is fused_static_graph's.
+            # Static paths time their prefill too (masked sdpa); the regional paths' is fused_static_graph's, but
+            # for fused_regional_graph's (the knob engine's graphed prefill).
             try:
                 res = measure_setting(
                     runner,
@@ -969,7 +1007,7 @@ def main(argv: list[str] | None = None) -> dict:
                     reps=args.reps,
                     warmup=args.warmup,
                     use_graph=use_graph and path.graph,
-                    time_prefill=not path.regional and not path.compile,
+                    time_prefill=(not path.regional or path.fused_prefill) and not path.compile,
                 )
             except Exception as e:  # noqa: BLE001 - a failing path is reported, the rest still measured
                 errors.append(
@@ -1047,6 +1085,12 @@ def main(argv: list[str] | None = None) -> dict:
                     profiles[f"{path.name} prefill (not graphed)"] = kernel_profile(
                         lambda pf=prefill: (runner.set_static_length(0), pf.run())
                     )
+                elif use_graph and path.graph and (not path.regional or path.fused_prefill):  # as timed
+                    prefill.capture(True)
+                    profiles[f"{path.name} prefill (graphed)"] = kernel_profile(
+                        lambda pf=prefill: (runner.set_static_length(0), pf.run())
+                    )
+                    prefill.graph = None
                 runner.set_static_length(0)
                 prefill.run()
                 token = prefill.logits.argmax(-1)

@@ -268,12 +268,13 @@ def test_benchmark_runs_end_to_end_on_cpu(tmp_path):
         "lean_grouped",
         "fused_static_graph",
         "fused_regional_graph_tf_attention",
+        "fused_regional_graph_separate_adds",
         "fused_regional_graph",
     }
     assert set(result["paths"]) == paths
     measured = {(r["path"], r["stage"]) for r in result["rows"]}
     assert {(p, "decode") for p in paths} <= measured
-    regional = {"fused_regional_graph", "fused_regional_graph_tf_attention"}
+    regional = {p for p in paths if p.startswith("fused_regional_graph")} - {"fused_regional_graph"}
     assert {(p, "prefill") for p in paths - regional} | {("all", "vision")} <= measured
     assert not result["errors"]
     for r in result["rows"]:

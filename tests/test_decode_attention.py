@@ -1,7 +1,9 @@
-"""The fused paths' decode-step attention and router (`fast_path.FusedModules`) against transformers' modules:
-the attention (`decode_attention.fused_attention_forward`: concatenated q/k/v GEMV, norms, rotary embedding and
-static-cache writes) and the router (`fused_moe.route`: logits GEMV, softmax, top-k, renormalisation). On CPU
-the attention runs transformers' ops after the concatenated GEMV; Triton's CPU interpreter runs the kernels."""
+"""The fused paths' decode-step attention, router and blocks (`fast_path.FusedModules`) against transformers'
+modules: the attention (`decode_attention.fused_attention_forward`: concatenated q/k/v GEMV, norms, rotary
+embedding and static-cache writes), the router (`fused_moe.route`: logits GEMV, softmax, top-k,
+renormalisation) and a whole decoder block (`decode_block.fused_decoder_layer_forward`: residual additions in
+the output projection's and the experts' kernels). On CPU the attention runs transformers' ops after the
+concatenated GEMV; Triton's CPU interpreter runs the kernels."""
 
 from __future__ import annotations
 
@@ -24,10 +26,9 @@ from bench.model import build_model, make_config
 PROMPT = 5
 
 
-def compare_attention(dtype: torch.dtype, batch: int, device: str = "cpu") -> dict[str, float]:
-    """Largest absolute differences between one decode step of a Qwen3-VL-MoE attention through transformers
-    and through `fused_attention_forward` (outputs, the cache's keys and values, its length), from the same
-    static cache holding a PROMPT-token prefill."""
+def _prefilled_step(dtype: torch.dtype, batch: int, device: str) -> dict:
+    """A tiny Qwen3-VL-MoE language model, a static cache whose layer 1 holds a PROMPT-token prefill, and the
+    inputs of the next (one-token) step."""
     from transformers import StaticCache
 
     torch.manual_seed(0)
@@ -56,29 +57,136 @@ def compare_attention(dtype: torch.dtype, batch: int, device: str = "cpu") -> di
         )
         x = torch.randn(batch, 1, hidden, device=device, dtype=dtype)
         embeddings = text.rotary_emb(x, positions(PROMPT, 1))
-        mask = torch.zeros(batch, 1, 1, 16, dtype=torch.bool, device=device)
-        mask[..., : PROMPT + 1] = True
+    mask = torch.zeros(batch, 1, 1, 16, dtype=torch.bool, device=device)
+    mask[..., : PROMPT + 1] = True
+    return {
+        "text": text,
+        "cache": cache,
+        "cache_arg": cache_arg,
+        "x": x,
+        "embeddings": embeddings,
+        "mask": mask,
+    }
+
+
+def _cache_diffs(cache, reference_cache) -> dict[str, float]:
+    layer, reference = cache.layers[1], reference_cache.layers[1]
+    assert type(layer).__name__ == "StaticLayer", type(layer)
+    return {
+        "keys": float((layer.keys - reference.keys).abs().max()),
+        "values": float((layer.values - reference.values).abs().max()),
+        "length": float(layer.cumulative_length - reference.cumulative_length),
+    }
+
+
+def compare_attention(dtype: torch.dtype, batch: int, device: str = "cpu") -> dict[str, float]:
+    """Largest absolute differences between one decode step of a Qwen3-VL-MoE attention through transformers
+    and through `fused_attention_forward` (outputs, the cache's keys and values, its length), from the same
+    static cache holding a PROMPT-token prefill."""
+    step = _prefilled_step(dtype, batch, device)
+    attention, cache, cache_arg = step["text"].layers[1].self_attn, step["cache"], step["cache_arg"]
+    x, embeddings, mask = step["x"], step["embeddings"], step["mask"]
+    with torch.no_grad():
         reference_cache = copy.deepcopy(cache)
         expected, _ = type(attention).forward(attention, x, embeddings, mask, **{cache_arg: reference_cache})
         decode_attention.concatenate_qkv(attention)
         got, _ = decode_attention.fused_attention_forward(
             attention, x, embeddings, mask, **{cache_arg: cache}
         )
-    layer, reference = cache.layers[1], reference_cache.layers[1]
-    assert type(layer).__name__ == "StaticLayer", type(layer)
     return {
         "output": float((got - expected).abs().max()),
-        "keys": float((layer.keys - reference.keys).abs().max()),
-        "values": float((layer.values - reference.values).abs().max()),
-        "length": float(layer.cumulative_length - reference.cumulative_length),
         "scale": float(expected.abs().max()),
+        **_cache_diffs(cache, reference_cache),
+    }
+
+
+def compare_prompt_attention(dtype: torch.dtype, batch: int, device: str = "cpu") -> dict[str, float]:
+    """A 7-token prompt written into an empty static cache under a causal mask over the cache's slots, through
+    transformers' attention and through `prompt_attention_forward` (the graphed prefill's)."""
+    from transformers import StaticCache
+
+    torch.manual_seed(1)
+    model = build_model(make_config(tiny=True, initializer_range=0.3), device, dtype=dtype)
+    text = model.model.language_model
+    attention = text.layers[1].self_attn
+    cache = StaticCache(config=text.config, max_cache_len=16)
+    parameters = inspect.signature(type(attention).forward).parameters
+    cache_arg = "past_key_values" if "past_key_values" in parameters else "cache"
+    length = 7
+    x = torch.randn(batch, length, text.config.hidden_size, device=device, dtype=dtype)
+    positions = torch.arange(length, device=device).expand(3, batch, length)
+    causal = torch.ones(length, 16, dtype=torch.bool, device=device).tril().view(1, 1, length, 16)
+    with torch.no_grad():
+        embeddings = text.rotary_emb(x, positions)
+        for layer in cache.layers:
+            empty = torch.zeros(batch, 2, 0, 16, device=device, dtype=dtype)
+            layer.lazy_initialization(empty, empty)
+        reference_cache = copy.deepcopy(cache)
+        mask = causal.expand(batch, 1, length, 16)
+        expected, _ = type(attention).forward(attention, x, embeddings, mask, **{cache_arg: reference_cache})
+        decode_attention.concatenate_qkv(attention)
+        got, _ = decode_attention.prompt_attention_forward(
+            attention, x, embeddings, mask, **{cache_arg: cache}
+        )
+    return {
+        "output": float((got - expected).abs().max()),
+        "scale": float(expected.abs().max()),
+        **_cache_diffs(cache, reference_cache),
+    }
+
+
+def compare_norm(dtype: torch.dtype, device: str = "cpu") -> float:
+    """`rms_norm.rms_norm_forward` against transformers' Qwen3-VL-MoE RMSNorm on a (3, 5, 96) input (a width
+    that is not a power of two) with a random weight: largest absolute difference."""
+    from knobsweep.models import rms_norm
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextRMSNorm
+
+    torch.manual_seed(2)
+    norm = Qwen3VLMoeTextRMSNorm(96, eps=1e-6).to(device=device, dtype=dtype)
+    torch.nn.init.normal_(norm.weight, std=0.5)
+    x = torch.randn(3, 5, 96, device=device, dtype=dtype) * 3
+    with torch.no_grad():
+        expected = norm(x)
+        got = rms_norm.rms_norm_forward(norm, x)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    return float((got - expected).abs().max())
+
+
+def compare_block(dtype: torch.dtype, batch: int, top_k: int, device: str = "cpu") -> dict[str, float]:
+    """One decode step of a whole decoder block through transformers (its own attention, router and experts
+    implementation) against `decode_block.fused_decoder_layer_forward` with the fused attention and router
+    installed and the experts on "knobsweep_fused" (residual additions in the kernels where Triton runs)."""
+    from knobsweep.models.fast_path import FusedModules
+
+    step = _prefilled_step(dtype, batch, device)
+    text, cache, cache_arg = step["text"], step["cache"], step["cache_arg"]
+    block = text.layers[1]
+    block.mlp.gate.top_k = top_k
+    arguments = {"attention_mask": step["mask"], "position_embeddings": step["embeddings"]}
+    with torch.no_grad():
+        reference_cache = copy.deepcopy(cache)
+        expected = type(block).forward(block, step["x"], **arguments, **{cache_arg: reference_cache})
+        fused = FusedModules([block], [block.mlp.gate])
+        assert [entry[0] for entry in fused.forwards][:3] == [block.self_attn, block.mlp.gate, block]
+        saved, text.config._experts_implementation = text.config._experts_implementation, fused_moe.register()
+        fused.install()
+        try:
+            got = block(step["x"], **arguments, **{cache_arg: cache})
+        finally:
+            fused.uninstall()
+            text.config._experts_implementation = saved
+    return {
+        "output": float((got - expected).abs().max()),
+        "scale": float(expected.abs().max()),
+        **_cache_diffs(cache, reference_cache),
     }
 
 
 def compare_router(
-    dtype: torch.dtype, top_k: int, renormalize: bool, device: str = "cpu"
+    dtype: torch.dtype, top_k: int, renormalize: bool, device: str = "cpu", tokens: int = 3
 ) -> dict[str, float]:
-    """`fused_moe.route` against transformers' Qwen3-MoE router (renormalised or not) on 3 tokens."""
+    """`fused_moe.route` against transformers' Qwen3-MoE router (renormalised or not) on `tokens` tokens (more
+    than FUSED_MAX_TOKENS: the logits from cuBLAS, the rest in the Triton kernel)."""
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
 
@@ -88,7 +196,7 @@ def compare_router(
     )
     router = Qwen3MoeTopKRouter(config).to(device=device, dtype=dtype)
     torch.nn.init.normal_(router.weight, std=0.3)
-    x = torch.randn(3, 64, device=device, dtype=dtype)
+    x = torch.randn(tokens, 64, device=device, dtype=dtype)
     with torch.no_grad():
         logits, weights, ids = router(x)
         got_logits, got_weights, got_ids = fused_moe.route(x, router.weight, top_k, renormalize)
@@ -103,6 +211,26 @@ def compare_router(
 def test_fused_attention_equals_transformers_on_cpu(batch):
     """CPU: transformers' norms, rotary embedding and cache update after the concatenated q/k/v GEMV."""
     diffs = compare_attention(torch.float32, batch)
+    assert (
+        diffs["output"] < 1e-5 * max(1.0, diffs["scale"]) and diffs["keys"] < 1e-5 and diffs["values"] < 1e-5
+    )
+    assert diffs["length"] == 0
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_prompt_attention_and_norm_fall_back_to_transformers_on_cpu(batch):
+    diffs = compare_prompt_attention(torch.float32, batch)
+    assert (
+        diffs["output"] < 1e-5 * max(1.0, diffs["scale"]) and diffs["keys"] < 1e-5 and diffs["values"] < 1e-5
+    )
+    assert diffs["length"] == 0
+    assert compare_norm(torch.float32) == 0
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fused_block_falls_back_to_transformers_on_cpu(batch):
+    """CPU without Triton: the block runs module by module (transformers' ops after the concatenated GEMV)."""
+    diffs = compare_block(torch.float32, batch, top_k=3)
     assert (
         diffs["output"] < 1e-5 * max(1.0, diffs["scale"]) and diffs["keys"] < 1e-5 and diffs["values"] < 1e-5
     )
@@ -126,8 +254,9 @@ def test_concatenated_qkv_keeps_the_projections_and_shares_their_memory():
 
 
 def test_fused_modules_install_and_remove_only_their_own_forwards():
-    """FusedModules takes every Qwen3 attention and router except a module whose instance already has a forward
-    (e.g. an offloading hook), which it leaves as it is; uninstall restores the class's forwards."""
+    """FusedModules takes every Qwen3 attention, router and block except a module whose instance already has a
+    forward (e.g. an offloading hook), which it leaves as it is (and its block); uninstall restores the class's
+    forwards."""
     from knobsweep.models.fast_path import FusedModules
 
     model = build_model(make_config(tiny=True, initializer_range=0.3), "cpu", dtype=torch.float32)
@@ -135,36 +264,54 @@ def test_fused_modules_install_and_remove_only_their_own_forwards():
     hooked = layers[2].self_attn
     hooked.forward = lambda *a, **k: None
     fused = FusedModules(layers, [layer.mlp.gate for layer in layers])
-    modules = [m for m, _, _ in fused.forwards]
-    assert len(modules) == 2 * len(layers) - 1 and hooked not in modules
-    fused.install()
-    assert all(m.forward.__func__ is getattr(owner, name) for m, owner, name in fused.forwards)
-    fused.uninstall()
-    assert all("forward" not in m.__dict__ for m in modules) and "forward" in hooked.__dict__
+    modules = [entry[0] for entry in fused.forwards]
+    kinds = [type(m).__name__ for m in modules]
+    # attentions and routers; whole blocks where both are fused (not the hooked attention's block); the norms
+    assert kinds.count("Qwen3VLMoeTextAttention") == len(layers) - 1 and hooked not in modules
+    assert kinds.count("Qwen3VLMoeTextTopKRouter") == len(layers)
+    assert kinds.count("Qwen3VLMoeTextDecoderLayer") == len(layers) - 1 and layers[2] not in modules
+    assert kinds.count("Qwen3VLMoeTextRMSNorm") == 4 * len(layers)  # input, post-attention, q and k norms
+    for prefill in (False, True):
+        fused.install(prefill=prefill)
+        installed = [(m, owner, prompt if prefill else decode) for m, owner, decode, prompt in fused.forwards]
+        assert all(m.forward.__func__ is getattr(owner, name) for m, owner, name in installed if name)
+        assert all("forward" not in m.__dict__ for m, _, name in installed if name is None)
+        fused.uninstall()
+        assert all("forward" not in m.__dict__ for m in modules) and "forward" in hooked.__dict__
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(TEST_DEVICE == "cuda", reason="on a GPU the fast-path tests run these kernels compiled")
 def test_decode_kernels_equal_transformers_in_the_interpreter():
-    """The attention kernel (batch 1 and 2) and the router kernels (top-k 1, 3, 8; renormalised or not), run by
-    Triton's CPU interpreter in float32, against transformers (a subprocess: TRITON_INTERPRET must be set before
-    Triton is imported; ~20 s)."""
+    """The attention kernel (batch 1 and 2), the router kernels (top-k 1, 3, 8; renormalised or not; 3 and 9
+    tokens), a whole decoder block with its residual additions in the kernels (batch 1 and 2; top-k 1, the
+    down kernel, and 3, the combine kernel), the graphed prefill's prompt attention (batch 1 and 2) and RMSNorm,
+    run by Triton's CPU interpreter in float32, against transformers (a subprocess: TRITON_INTERPRET must be set
+    before Triton is imported; ~30 s)."""
     pytest.importorskip("triton", reason="the decode kernels need the triton package")
     script = textwrap.dedent("""
         import sys
         import torch
         torch.set_num_threads(1)
         sys.path.insert(0, sys.argv[1])
-        from test_decode_attention import compare_attention, compare_router
+        from test_decode_attention import (
+            compare_attention, compare_block, compare_norm, compare_prompt_attention, compare_router
+        )
         from knobsweep.models import fused_moe
         assert fused_moe.triton_usable(torch.zeros(1))
         results = {f"attention_b{b}": compare_attention(torch.float32, b) for b in (1, 2)}
+        results.update({f"block_b{b}_k{k}": compare_block(torch.float32, b, k) for b in (1, 2) for k in (1, 3)})
+        results.update({f"prompt_attention_b{b}": compare_prompt_attention(torch.float32, b) for b in (1, 2)})
+        results["router_k3_True_t9"] = compare_router(torch.float32, 3, True, tokens=9)
+        results["norm"] = {"norm": compare_norm(torch.float32)}
         for k in (1, 3, 8):
             for renormalize in (True, False):
                 results[f"router_k{k}_{renormalize}"] = compare_router(torch.float32, k, renormalize)
         print(results)
         for name, d in results.items():
-            if name.startswith("attention"):
+            if name == "norm":
+                assert d["norm"] < 1e-5, d
+            elif name.startswith(("attention", "block", "prompt")):
                 assert d["output"] < 1e-5 * max(1.0, d["scale"]) and d["keys"] < 1e-5 and d["values"] < 1e-5, d
                 assert d["length"] == 0, d
             else:
@@ -177,10 +324,20 @@ def test_decode_kernels_equal_transformers_in_the_interpreter():
 @pytest.mark.parametrize("batch", [1, 2])
 def test_decode_kernels_equal_transformers_on_cuda_in_bf16(batch):
     """bf16 on a GPU: within one bf16 rounding of transformers (the rotary embedding rounds once here, three
-    times in transformers' eager code)."""
+    times in transformers' eager code), the attention, the router and a whole block."""
     diffs = compare_attention(torch.bfloat16, batch, device="cuda")
     assert diffs["keys"] <= 2**-6 * 4 and diffs["values"] == 0 and diffs["length"] == 0, diffs
     assert diffs["output"] <= 2e-2 * max(1.0, diffs["scale"]), diffs
     for k in (1, 8):
         d = compare_router(torch.bfloat16, k, True, device="cuda")
         assert d["logits"] <= 2e-2 and d["weights"] <= 1e-2, d
+    for k in (1, 3):
+        d = compare_block(torch.bfloat16, batch, k, device="cuda")
+        assert d["keys"] <= 2**-6 * 4 and d["values"] == 0 and d["length"] == 0, d
+        assert d["output"] <= 2e-2 * max(1.0, d["scale"]), d
+    d = compare_prompt_attention(torch.bfloat16, batch, device="cuda")
+    assert d["keys"] <= 2**-6 * 4 and d["values"] == 0 and d["length"] == 0, d
+    assert d["output"] <= 2e-2 * max(1.0, d["scale"]), d
+    d = compare_router(torch.bfloat16, 8, True, device="cuda", tokens=40)
+    assert d["logits"] == 0 and d["weights"] <= 1e-2, d
+    assert compare_norm(torch.bfloat16, device="cuda") == 0

@@ -168,20 +168,30 @@ def test_fused_paths_run_the_prefill_experts_through_the_grouped_kernels(
 
 @pytest.mark.parametrize("path", [p for p in FAST_PATHS if p.startswith("fused")])
 def test_fused_paths_run_each_kept_blocks_decode_attention_and_router_fused(adapters, path, monkeypatch):
-    """Decode steps of the fused paths go through `fused_attention_forward` in every kept block of the Qwen3
-    families (its logits equal the plain path's: the first test of this file) and, where Triton runs, through
-    the Triton router; ernie4_5_vl_moe keeps transformers' (other attention and router classes)."""
+    """Decode steps of the fused paths go through the fused attention (`attention_step`) in every kept block of
+    the Qwen3 families (its logits equal the plain path's: the first test of this file) and, where Triton runs,
+    through the Triton router and the whole-block forward (residual additions in the output projection's
+    kernel); ernie4_5_vl_moe keeps transformers' (other attention and router classes)."""
     from knobsweep.models import decode_attention, fused_moe
 
-    attention_calls, route_calls = [], []
-    attend, route = decode_attention.fused_attention_forward, fused_moe.route
+    attention_calls, route_calls, residual_calls = [], [], []
+    attend, route, project = (
+        decode_attention.attention_step,
+        fused_moe.route,
+        decode_attention.linear_residual,
+    )
     monkeypatch.setattr(
         decode_attention,
-        "fused_attention_forward",
+        "attention_step",
         lambda m, *a, **k: attention_calls.append(id(m)) or attend(m, *a, **k),
     )
     monkeypatch.setattr(
         fused_moe, "route", lambda x, w, *a: route_calls.append(w.data_ptr()) or route(x, w, *a)
+    )
+    monkeypatch.setattr(
+        decode_attention,
+        "linear_residual",
+        lambda x, w, *a, **k: residual_calls.append(w.data_ptr()) or project(x, w, *a, **k),
     )
     adapter = adapters[path]
     knobs = {"top_k": 2, "active_blocks": [1, 3, 4]}
@@ -192,6 +202,16 @@ def test_fused_paths_run_each_kept_blocks_decode_attention_and_router_fused(adap
     assert sorted({block_of[c] for c in attention_calls}) == (knobs["active_blocks"] if fused else [])
     routed = sorted(i for i, ptr in router_block.items() if ptr in route_calls)
     assert routed == (knobs["active_blocks"] if fused and CUDA else [])
+    projected = (
+        sorted(
+            i
+            for i, layer in enumerate(adapter._original_layers)
+            if layer.self_attn.o_proj.weight.data_ptr() in residual_calls
+        )
+        if fused
+        else []
+    )
+    assert projected == (knobs["active_blocks"] if fused and CUDA else [])
 
 
 # Families whose static prefill logic is tested here (both graph it on the graph paths).
@@ -441,9 +461,10 @@ def test_fused_path_runs_the_triton_kernels_exactly_in_the_interpreter(tiny_chec
         from knobsweep.models import fused_moe, load_model
         calls = {"triton": 0}
         original = fused_moe.moe_fused
-        def counted(*args):
+        def counted(*args, **kwargs):
             calls["triton"] += 1
-            return original(*args)
+            calls["residual"] = calls.get("residual", 0) + ("residual" in kwargs)
+            return original(*args, **kwargs)
         fused_moe.moe_fused = counted
         tokens = {}
         for path in ("eager", "fused"):
@@ -454,6 +475,7 @@ def test_fused_path_runs_the_triton_kernels_exactly_in_the_interpreter(tiny_chec
             tokens[path] = result.token_ids
         print(tokens, calls)
         assert calls["triton"] > 0, "the Triton kernels did not run"
+        assert calls["residual"] > 0, "the whole-block decode forward did not run"
         assert tokens["fused"] == tokens["eager"], tokens
     """)
     run_in_triton_interpreter(script, str(tiny_checkpoints[FAMILY]), str(Path(__file__).parent), timeout=600)

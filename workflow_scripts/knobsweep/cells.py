@@ -32,7 +32,9 @@ if TYPE_CHECKING:
 #    replay qwen3_vl_moe's language-model prefill from CUDA graphs (padded to a bucket).
 # 4: the fused paths' decode steps run the Qwen3 families' attention and router fused (`FusedModules`);
 #    internvl's prefill is graphed too.
-INFERENCE_CODE_VERSION = "4"
+# 5: ... and their decoder blocks' residual additions inside the output projection's and experts' kernels
+#    (`decode_block`).
+INFERENCE_CODE_VERSION = "5"
 
 SHARD_COLUMNS = (
     "workload",

@@ -11,6 +11,8 @@ once. Registered as attention implementation "knobsweep_gqa"; anything but a sin
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.nn import functional as F
 
@@ -141,12 +143,19 @@ if triton is not None:
         m_ptr,
         l_ptr,
         out_ptr,
+        length_ptr,
         GROUPS: tl.constexpr,
         BLOCK_G: tl.constexpr,
         D: tl.constexpr,
         NSPLIT: tl.constexpr,
+        ADVANCE: tl.constexpr,
     ):
+        # ADVANCE: also add 1 to the static cache layer's length (StaticLayer.update's bookkeeping, one launch
+        # fewer); nothing reads it between the key/value writes and the next step.
         pid = tl.program_id(0)  # query head
+        if ADVANCE:  # noqa: SIM102 - a compile-time branch around a run-time one
+            if pid == 0:
+                tl.store(length_ptr, tl.load(length_ptr) + 1)
         head = pid // GROUPS
         g = pid % GROUPS
         offs_s = tl.arange(0, NSPLIT)
@@ -162,9 +171,15 @@ if triton is not None:
 
 
 def splitkv_decode(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    advance: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """query (1, Hq, 1, D), key/value (1, Hkv, S, D) contiguous, mask (S,) bool or None -> (1, 1, Hq, D)."""
+    """query (1, Hq, 1, D), key/value (1, Hkv, S, D) contiguous, mask (S,) bool or None -> (1, 1, Hq, D).
+    advance: a one-element integer tensor (a StaticLayer's length) the combine kernel adds 1 to."""
     _, heads, _, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     groups = heads // kv_heads
@@ -199,7 +214,17 @@ def splitkv_decode(
         num_warps=4,
     )
     _splitkv_combine[(heads,)](
-        acc, m, l, out, GROUPS=groups, BLOCK_G=block_g, D=dim, NSPLIT=NUM_SPLITS, num_warps=4
+        acc,
+        m,
+        l,
+        out,
+        advance if advance is not None else m,
+        GROUPS=groups,
+        BLOCK_G=block_g,
+        D=dim,
+        NSPLIT=NUM_SPLITS,
+        ADVANCE=advance is not None,
+        num_warps=4,
     )
     return out
 
@@ -212,9 +237,11 @@ def splitkv_attention(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
+    advance: torch.Tensor | None = None,
     **kwargs,
 ):
-    """Split-KV kernel for one-token, batch-1 queries with a boolean (or no) mask; else `gqa_decode_attention`."""
+    """Split-KV kernel for one-token, batch-1 queries with a boolean (or no) mask; else `gqa_decode_attention`.
+    advance: a cache length to add 1 to once the keys are read (in the combine kernel where it runs)."""
     from knobsweep.models.fused_moe import triton_usable
 
     dim = query.shape[-1]
@@ -229,14 +256,17 @@ def splitkv_attention(
         and (attention_mask is None or attention_mask.dtype == torch.bool)
     )
     if not usable:
-        return gqa_decode_attention(
+        output = gqa_decode_attention(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
+        if advance is not None:
+            advance.add_(1)
+        return output
     mask = None
     if attention_mask is not None:
         mask = attention_mask.reshape(-1)[: key.shape[2]]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return splitkv_decode(query, key, value, mask, scale), None
+    return splitkv_decode(query, key, value, mask, scale, advance), None
 
 
 def register_splitkv() -> str:
@@ -270,22 +300,25 @@ if triton is not None:
         keys_ptr,
         values_ptr,
         slot_ptr,
+        T,
         S,
         eps,
         HQ: tl.constexpr,
         HKV: tl.constexpr,
         D: tl.constexpr,
     ):
-        # One program per (row, head) of the concatenated projection: query heads, then key heads, then values.
-        b = tl.program_id(0)
+        # One program per (token, head) of the concatenated projection (batch, T tokens, (HQ + 2 HKV) heads):
+        # query heads, then key heads, then values; token t of row b goes to cache slot (length + t).
+        token = tl.program_id(0)
         head = tl.program_id(1)
+        b = token // T
         half: tl.constexpr = D // 2
         offs = tl.arange(0, half)
-        row = qkv_ptr + (b * (HQ + 2 * HKV) + head) * D
+        row = qkv_ptr + (token * (HQ + 2 * HKV) + head) * D
         x1 = tl.load(row + offs).to(tl.float32)
         x2 = tl.load(row + half + offs).to(tl.float32)
         dtype = query_ptr.dtype.element_ty
-        slot = tl.load(slot_ptr)
+        slot = tl.load(slot_ptr) + token % T
         if head < HQ + HKV:
             # RMSNorm over the head (fp32, rounded, times the weight, rounded: transformers' order), then the
             # rotary embedding with rotate_half's layout, in fp32 with one rounding (as the compiled rope).
@@ -300,14 +333,14 @@ if triton is not None:
             )
             n1 = n1.to(tl.float32)
             n2 = n2.to(tl.float32)
-            cos1 = tl.load(cos_ptr + b * D + offs).to(tl.float32)
-            cos2 = tl.load(cos_ptr + b * D + half + offs).to(tl.float32)
-            sin1 = tl.load(sin_ptr + b * D + offs).to(tl.float32)
-            sin2 = tl.load(sin_ptr + b * D + half + offs).to(tl.float32)
+            cos1 = tl.load(cos_ptr + token * D + offs).to(tl.float32)
+            cos2 = tl.load(cos_ptr + token * D + half + offs).to(tl.float32)
+            sin1 = tl.load(sin_ptr + token * D + offs).to(tl.float32)
+            sin2 = tl.load(sin_ptr + token * D + half + offs).to(tl.float32)
             y1 = (n1 * cos1 - n2 * sin1).to(dtype)
             y2 = (n2 * cos2 + n1 * sin2).to(dtype)
-            if head < HQ:
-                out = query_ptr + (b * HQ + head) * D
+            if head < HQ:  # query (batch, HQ, T, D)
+                out = query_ptr + ((b * HQ + head) * T + token % T) * D
             else:
                 out = keys_ptr + ((b * HKV + head - HQ) * S + slot) * D
             tl.store(out + offs, y1)
@@ -351,6 +384,192 @@ def concatenate_qkv(attention: torch.nn.Module) -> None:
     setattr(attention, QKV_WEIGHT, weight)
 
 
+# Output projection with the residual addition (`decode_block`): one program per GEMV_BLOCK_N rows of the
+# weight, GEMV_BLOCK_K columns per iteration, GEMV_WARPS warps (measured on an H100 at the real shapes,
+# bench/decode_ops.py: 8.4 us per block against 12.2 for cuBLAS's GEMV and the addition).
+GEMV_BLOCK_N, GEMV_BLOCK_K, GEMV_WARPS = 4, 1024, 8
+GEMV_MAX_ROWS = 4  # inputs of more rows go to cuBLAS (each program reads its weight rows once per input row)
+
+if triton is not None:
+
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr,
+        w_ptr,
+        residual_ptr,
+        out_ptr,
+        N,
+        K,
+        HAS_RESIDUAL: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        # out[r, n] = x[r] . w[n] in fp32, rounded to the output dtype; HAS_RESIDUAL: then plus residual[r, n],
+        # rounded again (transformers' `residual + o_proj(x)` in two bf16 operations).
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row = tl.program_id(1)
+        mask_n = offs_n < N
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            x = tl.load(x_ptr + row * K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            w = tl.load(
+                w_ptr + offs_n[:, None] * K + offs_k[None, :],
+                mask=mask_n[:, None] & mask_k[None, :],
+                other=0.0,
+            )
+            acc += w.to(tl.float32) * x[None, :]
+        dtype = out_ptr.dtype.element_ty
+        y = tl.sum(acc, axis=1).to(dtype)
+        if HAS_RESIDUAL:
+            r = tl.load(residual_ptr + row * N + offs_n, mask=mask_n, other=0.0)
+            y = (y.to(tl.float32) + r.to(tl.float32)).to(dtype)
+        tl.store(out_ptr + row * N + offs_n, y, mask=mask_n)
+
+
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    block_n: int = GEMV_BLOCK_N,
+    block_k: int = GEMV_BLOCK_K,
+    num_warps: int = GEMV_WARPS,
+) -> torch.Tensor:
+    """x @ weight.T (+ residual, added after rounding the product) by `_gemv_kernel`: x (rows, K), weight (N, K)
+    contiguous, residual (rows, N)."""
+    rows, k = x.shape
+    n = weight.shape[0]
+    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(n, block_n), rows)](
+        x,
+        weight,
+        out if residual is None else residual,
+        out,
+        n,
+        k,
+        HAS_RESIDUAL=residual is not None,
+        BLOCK_N=block_n,
+        BLOCK_K=min(block_k, triton.next_power_of_2(k)),
+        num_warps=num_warps,
+    )
+    return out
+
+
+def linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """residual + x @ weight.T with the product rounded first (transformers' order); x (..., K), weight (N, K),
+    residual (..., N). `gemv` (the addition in its epilogue) for up to GEMV_MAX_ROWS rows where Triton runs;
+    torch otherwise."""
+    from knobsweep.models.fused_moe import triton_usable
+
+    k = x.shape[-1]
+    rows = x.numel() // k
+    if rows > GEMV_MAX_ROWS or not triton_usable(x) or not weight.is_contiguous():
+        return residual + F.linear(x, weight)
+    out = gemv(x.reshape(rows, k).contiguous(), weight, residual.reshape(rows, -1).contiguous())
+    return out.view(residual.shape)
+
+
+def _static_layer(attention: torch.nn.Module, kwargs: dict) -> Any:
+    """The initialised StaticLayer of `attention`'s layer in the cache among a forward's keyword arguments (the
+    cache argument: `past_key_values` in transformers 5.17, `cache` in newer 5.x), or None."""
+    from transformers.cache_utils import StaticLayer
+
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is None or QKV_WEIGHT not in attention.__dict__:
+        return None
+    index = attention.layer_idx
+    layer = cache.layers[index] if index < len(cache.layers) else None
+    return layer if isinstance(layer, StaticLayer) and layer.is_initialized else None
+
+
+def decode_cache_layer(attention: torch.nn.Module, hidden_states: torch.Tensor, kwargs: dict) -> Any:
+    """The initialised StaticLayer a one-token decode step of `attention` writes to, from the forward's keyword
+    arguments; None where the fused step does not apply (prefill, another cache, q/k/v not concatenated)."""
+    return _static_layer(attention, kwargs) if hidden_states.shape[1] == 1 else None
+
+
+def _kernel_applies(self: torch.nn.Module, x: torch.Tensor) -> bool:
+    from knobsweep.models.fused_moe import triton_usable
+
+    half = self.head_dim // 2
+    return triton_usable(x) and self.head_dim % 2 == 0 and half & (half - 1) == 0
+
+
+def _project_into_cache(
+    self: torch.nn.Module, hidden_states: torch.Tensor, position_embeddings: tuple, layer: Any
+) -> torch.Tensor:
+    """q/k/v of (batch, T) tokens in one GEMM over the concatenated weights, then `_qk_norm_rope_store_kernel`:
+    the normalised, rotated keys and the values written into `layer` from its length on (not advanced); returns
+    the queries (batch, heads, T, head_dim)."""
+    batch, length, _ = hidden_states.shape
+    dim = self.head_dim
+    heads = self.q_proj.weight.shape[0] // dim
+    kv_heads = self.k_proj.weight.shape[0] // dim
+    qkv = F.linear(hidden_states, self.__dict__[QKV_WEIGHT]).contiguous()
+    cos, sin = position_embeddings
+    query = torch.empty(batch, heads, length, dim, dtype=qkv.dtype, device=qkv.device)
+    _qk_norm_rope_store_kernel[(batch * length, heads + 2 * kv_heads)](
+        qkv,
+        self.q_norm.weight,
+        self.k_norm.weight,
+        cos.contiguous(),
+        sin.contiguous(),
+        query,
+        layer.keys,
+        layer.values,
+        layer.cumulative_length,
+        length,
+        layer.keys.shape[2],
+        float(self.q_norm.variance_epsilon),
+        HQ=heads,
+        HKV=kv_heads,
+        D=dim,
+        num_warps=1,
+    )
+    return query
+
+
+def attention_step(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    attention_mask: torch.Tensor | None,
+    cache: Any,
+    layer: Any,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One decode step of a Qwen3-style attention over its static cache layer (`decode_cache_layer`): the
+    attention output, plus `residual` if given (added in the output projection's kernel where Triton runs).
+    Same arithmetic as transformers' up to rounding: the q/k/v projection is one GEMV, the norms, rotary
+    embedding and cache writes one Triton kernel on CUDA (`_project_into_cache`; transformers' own ops
+    elsewhere), attention `splitkv_attention`, which also advances the cache's length."""
+    batch = hidden_states.shape[0]
+    if _kernel_applies(self, hidden_states):
+        query = _project_into_cache(self, hidden_states, position_embeddings, layer)
+        keys, values, advance = layer.keys, layer.values, layer.cumulative_length
+    else:
+        import sys
+
+        dim = self.head_dim
+        heads = self.q_proj.weight.shape[0] // dim
+        kv_heads = self.k_proj.weight.shape[0] // dim
+        qkv = F.linear(hidden_states, self.__dict__[QKV_WEIGHT])
+        cos, sin = position_embeddings
+        rope = sys.modules[type(self).__module__].apply_rotary_pos_emb
+        q, k, v = qkv.view(batch, 1, -1, dim).split((heads, kv_heads, kv_heads), dim=2)
+        query, key = rope(self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2), cos, sin)
+        keys, values = cache.update(key, v.transpose(1, 2), self.layer_idx)
+        advance = None  # cache.update advanced it
+    output, _ = splitkv_attention(
+        self, query, keys, values, attention_mask, scaling=self.scaling, advance=advance
+    )
+    output = output.reshape(batch, 1, -1)
+    if residual is None:
+        return self.o_proj(output.contiguous())
+    return linear_residual(output, self.o_proj.weight, residual)
+
+
 def fused_attention_forward(
     self: torch.nn.Module,
     hidden_states: torch.Tensor,
@@ -359,51 +578,37 @@ def fused_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """The attention's forward for one-token decode steps over a static cache (set on the instance by the fast
-    paths; anything else goes to the class's forward). Same arithmetic as transformers' up to rounding: the
-    q/k/v projection is one GEMV, the norms, rotary embedding and cache writes one Triton kernel on CUDA
-    (transformers' own ops elsewhere), attention `splitkv_attention`."""
-    from transformers.cache_utils import StaticLayer
-
-    from knobsweep.models.fused_moe import triton_usable
-
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    weight = self.__dict__.get(QKV_WEIGHT)
-    layer = cache.layers[self.layer_idx] if cache is not None and self.layer_idx < len(cache.layers) else None
-    batch, q_len, _ = hidden_states.shape
-    if q_len != 1 or weight is None or not isinstance(layer, StaticLayer) or not layer.is_initialized:
+    paths): `attention_step`; anything else goes to the class's forward."""
+    layer = decode_cache_layer(self, hidden_states, kwargs)
+    if layer is None:
         return type(self).forward(self, hidden_states, position_embeddings, attention_mask, **kwargs)
-    dim = self.head_dim
-    heads = self.q_proj.weight.shape[0] // dim
-    kv_heads = self.k_proj.weight.shape[0] // dim
-    qkv = F.linear(hidden_states, weight)  # (batch, 1, (heads + 2 kv_heads) * dim)
-    cos, sin = position_embeddings
-    if triton_usable(qkv) and dim % 2 == 0 and (dim // 2) & (dim // 2 - 1) == 0:
-        query = torch.empty(batch, heads, 1, dim, dtype=qkv.dtype, device=qkv.device)
-        _qk_norm_rope_store_kernel[(batch, heads + 2 * kv_heads)](
-            qkv,
-            self.q_norm.weight,
-            self.k_norm.weight,
-            cos.contiguous(),
-            sin.contiguous(),
-            query,
-            layer.keys,
-            layer.values,
-            layer.cumulative_length,
-            layer.keys.shape[2],
-            float(self.q_norm.variance_epsilon),
-            HQ=heads,
-            HKV=kv_heads,
-            D=dim,
-            num_warps=1,
-        )
-        layer.cumulative_length.add_(1)  # StaticLayer.update's bookkeeping
-        keys, values = layer.keys, layer.values
-    else:
-        import sys
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    return attention_step(self, hidden_states, position_embeddings, attention_mask, cache, layer), None
 
-        rope = sys.modules[type(self).__module__].apply_rotary_pos_emb
-        q, k, v = qkv.view(batch, 1, -1, dim).split((heads, kv_heads, kv_heads), dim=2)
-        query, key = rope(self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2), cos, sin)
-        keys, values = cache.update(key, v.transpose(1, 2), self.layer_idx)
-    output, _ = splitkv_attention(self, query, keys, values, attention_mask, scaling=self.scaling)
-    return self.o_proj(output.reshape(batch, q_len, -1).contiguous()), None
+
+def prompt_attention_forward(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    attention_mask: torch.Tensor | None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The attention's forward for a prompt written into an EMPTY static cache from slot 0 under a causal mask:
+    the fast paths' graphed prefill (`fast_path.PrefillGraph`), which sets it on the instance only around its
+    forward. q/k/v in one GEMM over the concatenated weights, `_project_into_cache` for every token, then
+    transformers' sdpa attention with no mask (causal) over the prompt's own slots, which is what the causal
+    mask over the whole cache lets each query see: without it, sdpa walks every slot of the cache under the
+    mask (10 ms of an H100's 1898-token prefill against 3.5). The class's forward where the kernel does not
+    run."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    layer = _static_layer(self, kwargs)
+    if layer is None or not _kernel_applies(self, hidden_states):
+        return type(self).forward(self, hidden_states, position_embeddings, attention_mask, **kwargs)
+    batch, length, _ = hidden_states.shape
+    query = _project_into_cache(self, hidden_states, position_embeddings, layer)
+    layer.cumulative_length.add_(length)
+    output, _ = sdpa_attention_forward(
+        self, query, layer.keys[:, :, :length], layer.values[:, :, :length], None, scaling=self.scaling
+    )
+    return self.o_proj(output.reshape(batch, length, -1).contiguous()), None

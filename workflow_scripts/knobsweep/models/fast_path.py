@@ -20,11 +20,12 @@ outputs is one Triton kernel, which may add in another order). They differ in th
 `auto` is `fused_regional_graph` on CUDA for the families that support it (`static_graph` without Triton) and
 `eager` elsewhere: on CPU the plain path is the simplest correct one, and graphs do not exist there.
 
-The fused paths also replace, in decode steps only, the Qwen3 families' attention and router forwards
-(`FusedModules`): q/k/v in one GEMV over concatenated weights, one Triton kernel for the q/k norms, rotary
-embedding and cache writes (`decode_attention.fused_attention_forward`), and a Triton router
-(`fused_moe.fused_router_forward`); on CPU the attention runs transformers' ops after the GEMV and the router is
-transformers'. Other families (ernie4_5_vl_moe) keep theirs.
+The fused paths also replace, in decode steps only, the Qwen3 families' attention, router and decoder-block
+forwards (`FusedModules`): q/k/v in one GEMV over concatenated weights, one Triton kernel for the q/k norms,
+rotary embedding and cache writes (`decode_attention.fused_attention_forward`), a Triton router
+(`fused_moe.fused_router_forward`), and the blocks' residual additions inside the output projection's and the
+experts' kernels (`decode_block.fused_decoder_layer_forward`); on CPU the attention runs transformers' ops after
+the GEMV and the router and blocks are transformers'. Other families (ernie4_5_vl_moe) keep theirs.
 
 `fused_regional_graph` (and `fused_regional`, its un-graphed CPU test form) compiles the pieces every decoder
 block shares once (parameters are graph inputs, so all blocks reuse one compiled graph per shape and top-k) the
@@ -547,6 +548,11 @@ class PrefillGraph:
                 "deepstack_visual_embeds": list(self.deepstack),
             }
         self.text._deepstack_process = _deepstack_by_index
+        # Fused paths: the prompt's attention, routers and norms in Triton kernels (`FusedModules`). The cache
+        # is empty (length 0) when this runs, which the prompt attention relies on.
+        fused = decoder.fused_modules if decoder.spec.fused else None
+        if fused is not None:
+            fused.install(prefill=True)
         try:
             out = type(self.text).forward(
                 self.text,
@@ -560,6 +566,8 @@ class PrefillGraph:
             )
         finally:
             del self.text._deepstack_process
+            if fused is not None:
+                fused.uninstall()
         return out.last_hidden_state
 
     def _capture(self) -> None:
@@ -679,34 +687,63 @@ class RegionalCompile:
 
 
 class FusedModules:
-    """The fused paths' decode-step forwards for the modules that have one: Qwen3-style attentions
-    (`decode_attention.fused_attention_forward`, q/k/v weights concatenated once, here) and Qwen3 routers
-    (`fused_moe.fused_router_forward`). Installed on the instances only around decode steps; each falls back to
-    its class's forward for anything but a one-token step (on CPU the attention runs transformers' ops)."""
+    """The fused paths' forwards for the modules that have one, set on the instances only around decode steps
+    (`install()`) or the graphed prefill (`install(prefill=True)`); each falls back to its class's forward for
+    what it does not handle (on CPU, without Triton, the attention runs transformers' ops):
 
-    def __init__(self, layers: list[torch.nn.Module], routers: list[torch.nn.Module]) -> None:
-        from knobsweep.models import decode_attention, fused_moe
+    | module                        | decode step                                  | graphed prefill           |
+    | ----------------------------- | -------------------------------------------- | ------------------------- |
+    | Qwen3-style attention         | `decode_attention.fused_attention_forward`   | `prompt_attention_forward` |
+    | Qwen3 router                  | `fused_moe.fused_router_forward`             | the same                  |
+    | Qwen3 MoE decoder block       | `decode_block.fused_decoder_layer_forward`   | (the class's)             |
+    | Qwen3 RMSNorm in the blocks   | (compiled: `RegionalCompile`)                | `rms_norm.rms_norm_forward` |
 
-        # (module, where its forward is defined, the forward's name): looked up at each install. Modules whose
-        # instance already has its own forward (e.g. accelerate's offloading hooks) are left alone.
-        self.forwards: list[tuple[torch.nn.Module, Any, str]] = []
+    The attentions' q/k/v weights are concatenated once, here. A block is fused only where its attention and
+    router are."""
+
+    def __init__(
+        self, layers: list[torch.nn.Module], routers: list[torch.nn.Module], blocks: bool = True
+    ) -> None:
+        from knobsweep.models import decode_attention, decode_block, fused_moe, rms_norm
+
+        # (module, where its forwards are defined, the decode step's forward, the prefill's; None: the class's),
+        # looked up by name at each install. Modules whose instance already has its own forward (e.g.
+        # accelerate's offloading hooks) are left alone.
+        self.forwards: list[tuple[torch.nn.Module, Any, str | None, str | None]] = []
+
+        def free(module: torch.nn.Module) -> bool:
+            return "forward" not in module.__dict__
+
         for layer in layers:
             attention = getattr(layer, "self_attn", None)
-            if (
-                attention is not None
-                and "forward" not in attention.__dict__
-                and decode_attention.fusable_attention(attention)
-            ):
+            if attention is not None and free(attention) and decode_attention.fusable_attention(attention):
                 decode_attention.concatenate_qkv(attention)
-                self.forwards.append((attention, decode_attention, "fused_attention_forward"))
+                self.forwards.append(
+                    (attention, decode_attention, "fused_attention_forward", "prompt_attention_forward")
+                )
         for router in routers:
-            if "forward" not in router.__dict__ and fused_moe.fusable_router(router):
-                self.forwards.append((router, fused_moe, "fused_router_forward"))
+            if free(router) and fused_moe.fusable_router(router):
+                self.forwards.append((router, fused_moe, "fused_router_forward", "fused_router_forward"))
+        # Whole blocks (residual additions in the kernels), where their attention and router are fused too;
+        # blocks=False: the module-level forwards only (the benchmark's comparison).
+        fused = {id(entry[0]) for entry in self.forwards}
+        for layer in layers if blocks else ():
+            if (
+                free(layer)
+                and decode_block.fusable_layer(layer)
+                and id(layer.self_attn) in fused
+                and id(layer.mlp.gate) in fused
+            ):
+                self.forwards.append((layer, decode_block, "fused_decoder_layer_forward", None))
+        norms = [m for layer in layers for m in layer.modules() if rms_norm.fusable_norm(m) and free(m)]
+        self.forwards += [(norm, rms_norm, None, "rms_norm_forward") for norm in norms]
 
-    def install(self) -> None:
-        for module, owner, name in self.forwards:
-            module.forward = MethodType(getattr(owner, name), module)
+    def install(self, prefill: bool = False) -> None:
+        for module, owner, decode, prompt in self.forwards:
+            name = prompt if prefill else decode
+            if name is not None:
+                module.forward = MethodType(getattr(owner, name), module)
 
     def uninstall(self) -> None:
-        for module, _, _ in self.forwards:
+        for module, owner, decode, prompt in self.forwards:
             module.__dict__.pop("forward", None)

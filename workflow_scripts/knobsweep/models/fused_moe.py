@@ -36,11 +36,16 @@ except ImportError:  # pragma: no cover - depends on the install
 
 FUSED_MAX_TOKENS = 4
 NAME = "knobsweep_fused"
-# Decode down projection: split over (token, expert) pairs from this many pairs on (measured on an H100: see
-# bench/README.md), in DOWN_BLOCK_N features per program; the combine kernel's feature block.
+# Launch parameters of the decode kernels, measured on an H100 at Qwen3-VL-30B-A3B's shapes
+# (bench/decode_ops.py, bench/README.md). Gate/up: GATE_UP_BLOCK_N rows of the gate and of the up projection per
+# program, up to GATE_UP_BLOCK_H columns per iteration (the whole hidden row: 4.9 us per block at top-1 against
+# 9.0 with 256 columns; equal at top-8). Down projection: split over (token, expert) pairs from
+# SPLIT_DOWN_MIN_PAIRS pairs on, DOWN_BLOCK_N features per program, then the combine kernel (COMBINE_BLOCK_N
+# features per program); a single pair in one kernel with SINGLE_DOWN_* parameters.
+GATE_UP_BLOCK_N, GATE_UP_BLOCK_H, GATE_UP_WARPS = 4, 2048, 8
 SPLIT_DOWN_MIN_PAIRS = 2
 DOWN_BLOCK_N = 8
-GATE_UP_BLOCK_N = 4  # rows of the gate and of the up projection per program
+SINGLE_DOWN_BLOCK_N, SINGLE_DOWN_BLOCK_I, SINGLE_DOWN_WARPS = 4, 1024, 8
 COMBINE_BLOCK_N = 256
 
 
@@ -67,6 +72,17 @@ def moe_reference(
 
 
 if triton is not None:
+
+    @triton.jit
+    def _store_output(acc, residual_ptr, out_ptr, offsets, mask, HAS_RESIDUAL: tl.constexpr):
+        # The experts' output rounded to out's dtype, then (HAS_RESIDUAL) plus the decoder block's residual,
+        # rounded again: transformers' `residual + experts(x)` in two bf16 operations.
+        dtype = out_ptr.dtype.element_ty
+        out = acc.to(dtype)
+        if HAS_RESIDUAL:
+            r = tl.load(residual_ptr + offsets, mask=mask, other=0.0)
+            out = (out.to(tl.float32) + r.to(tl.float32)).to(dtype)
+        tl.store(out_ptr + offsets, out, mask=mask)
 
     @triton.jit
     def _gate_up_kernel(
@@ -101,14 +117,17 @@ if triton is not None:
         w_ptr,
         ids_ptr,
         weights_ptr,
+        residual_ptr,
         out_ptr,
         H,
         INTER,
         K,
+        HAS_RESIDUAL: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_I: tl.constexpr,
     ):
-        # One program: one token and BLOCK_N output features, summed over its K experts.
+        # One program: one token and BLOCK_N output features, summed over its K experts (then, HAS_RESIDUAL,
+        # rounded and added to the residual: `_store_output`).
         token = tl.program_id(0)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < H
@@ -130,7 +149,7 @@ if triton is not None:
                 ).to(tl.float32)
                 part += tl.sum(w * a[None, :], axis=1)
             acc += part.to(out_ptr.dtype.element_ty).to(tl.float32) * weight
-        tl.store(out_ptr + token * H + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+        _store_output(acc, residual_ptr, out_ptr, token * H + offs_n, mask_n, HAS_RESIDUAL)
 
     @triton.jit
     def _down_pair_kernel(
@@ -161,11 +180,13 @@ if triton is not None:
         y_ptr,
         rows_ptr,
         weights_ptr,
+        residual_ptr,
         out_ptr,
         H,
         K,
         PAIR_ROWS: tl.constexpr,
         ROUND_PRODUCT: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
         # One program: one token and BLOCK_N features: sum over its K (expert output row x routing weight) in
@@ -187,7 +208,7 @@ if triton is not None:
             if ROUND_PRODUCT:
                 product = product.to(y_ptr.dtype.element_ty).to(tl.float32)
             acc += product
-        tl.store(out_ptr + token * H + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+        _store_output(acc, residual_ptr, out_ptr, token * H + offs_n, mask_n, HAS_RESIDUAL)
 
 
 if triton is not None:
@@ -268,17 +289,21 @@ def fusable_router(router: torch.nn.Module) -> bool:
 def route(
     x: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: bool, block_e: int = ROUTER_BLOCK_E
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton router for a few tokens: x (T, H), weight (E, H) -> logits (T, E), top-k weights (T, K) in x's
-    dtype, top-k expert ids (T, K) int64 — the outputs of transformers' Qwen3 routers."""
+    """Triton router: x (T, H), weight (E, H) -> logits (T, E), top-k weights (T, K) in x's dtype, top-k expert
+    ids (T, K) int64 — the outputs of transformers' Qwen3 routers. The logits of up to FUSED_MAX_TOKENS tokens
+    in a Triton GEMV, of more in cuBLAS's GEMM (a prefill; each GEMV program would re-read the weight)."""
     tokens, hidden = x.shape
     experts = weight.shape[0]
     x = x.contiguous()
-    logits = torch.empty(tokens, experts, dtype=x.dtype, device=x.device)
     weights = torch.empty(tokens, top_k, dtype=x.dtype, device=x.device)
     ids = torch.empty(tokens, top_k, dtype=torch.int64, device=x.device)
-    _router_logits_kernel[(tokens, triton.cdiv(experts, block_e))](
-        x, weight, logits, hidden, experts, BLOCK_E=block_e, BLOCK_H=1024, num_warps=4
-    )
+    if tokens > FUSED_MAX_TOKENS:
+        logits = torch.nn.functional.linear(x, weight).contiguous()
+    else:
+        logits = torch.empty(tokens, experts, dtype=x.dtype, device=x.device)
+        _router_logits_kernel[(tokens, triton.cdiv(experts, block_e))](
+            x, weight, logits, hidden, experts, BLOCK_E=block_e, BLOCK_H=1024, num_warps=4
+        )
     _softmax_topk_kernel[(tokens,)](
         logits,
         weights,
@@ -294,10 +319,10 @@ def route(
 
 
 def fused_router_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """A Qwen3 router's forward for decode steps (set on the instance by the fast paths): `route` for up to
-    FUSED_MAX_TOKENS tokens where Triton runs, the class's forward otherwise."""
+    """A Qwen3 router's forward (set on the instance by the fast paths around decode steps and the graphed
+    prefill): `route` where Triton runs, the class's forward otherwise."""
     x = hidden_states.reshape(-1, self.hidden_dim)
-    if x.shape[0] > FUSED_MAX_TOKENS or not triton_usable(x):
+    if not triton_usable(x):
         return type(self).forward(self, hidden_states)
     renormalize = FUSED_ROUTER_CLASSES[type(self).__name__]
     if renormalize is None:
@@ -318,8 +343,10 @@ def moe_fused(
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
     split_down: bool | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Triton version of `moe_reference` (same arguments and result up to fp32 summation order).
+    """Triton version of `moe_reference` (same arguments and result up to fp32 summation order); with
+    `residual` (M, H), residual + that result, each rounded as transformers' decoder blocks do (`decode_block`).
 
     `split_down`: the down projection one program per (pair, feature block), then `_combine_kernel` (one more
     launch, K times more programs reading weights), or `_down_kernel`, which walks a token's K experts in one
@@ -335,39 +362,67 @@ def moe_fused(
     # Narrow row blocks: enough programs to keep every SM reading weights, even at top_k = 1.
     block_n = GATE_UP_BLOCK_N
     _gate_up_kernel[(m * k, triton.cdiv(inter, block_n))](
-        x, gate_up, ids, act, hidden, inter, k, BLOCK_N=block_n, BLOCK_H=256, num_warps=4
+        x,
+        gate_up,
+        ids,
+        act,
+        hidden,
+        inter,
+        k,
+        BLOCK_N=block_n,
+        BLOCK_H=min(GATE_UP_BLOCK_H, triton.next_power_of_2(hidden)),
+        num_warps=GATE_UP_WARPS,
     )
     if split_down is None:
         split_down = m * k >= SPLIT_DOWN_MIN_PAIRS
     if not split_down:
-        _down_kernel[(m, triton.cdiv(hidden, 8))](
-            act, down, ids, weights, out, hidden, inter, k, BLOCK_N=8, BLOCK_I=256, num_warps=4
+        _down_kernel[(m, triton.cdiv(hidden, SINGLE_DOWN_BLOCK_N))](
+            act,
+            down,
+            ids,
+            weights,
+            out if residual is None else residual.contiguous(),
+            out,
+            hidden,
+            inter,
+            k,
+            HAS_RESIDUAL=residual is not None,
+            BLOCK_N=SINGLE_DOWN_BLOCK_N,
+            BLOCK_I=min(SINGLE_DOWN_BLOCK_I, triton.next_power_of_2(inter)),
+            num_warps=SINGLE_DOWN_WARPS,
         )
         return out
     y = torch.empty(m * k, hidden, device=x.device, dtype=x.dtype)
     _down_pair_kernel[(m * k, triton.cdiv(hidden, DOWN_BLOCK_N))](
         act, down, ids, y, hidden, inter, BLOCK_N=DOWN_BLOCK_N, BLOCK_I=256, num_warps=4
     )
-    _combine(y, None, weights, out, round_product=False)
+    _combine(y, None, weights, out, round_product=False, residual=residual)
     return out
 
 
 def _combine(
-    y: torch.Tensor, rows: torch.Tensor | None, weights: torch.Tensor, out: torch.Tensor, round_product: bool
+    y: torch.Tensor,
+    rows: torch.Tensor | None,
+    weights: torch.Tensor,
+    out: torch.Tensor,
+    round_product: bool,
+    residual: torch.Tensor | None = None,
 ) -> None:
     """out[t] = sum_j y[rows[t, j]] * weights[t, j] (fp32 sum over j in order), written into out (T, H);
-    rows None: y in pair order (row t*K + j)."""
+    rows None: y in pair order (row t*K + j); residual (T, H): rounded, then added to it."""
     tokens, hidden = out.shape
     k = weights.shape[-1]
     _combine_kernel[(tokens, triton.cdiv(hidden, COMBINE_BLOCK_N))](
         y,
         y if rows is None else rows,
         weights,
+        out if residual is None else residual.contiguous(),
         out,
         hidden,
         k,
         PAIR_ROWS=rows is None,
         ROUND_PRODUCT=round_product,
+        HAS_RESIDUAL=residual is not None,
         BLOCK_N=COMBINE_BLOCK_N,
         num_warps=4,
     )
