@@ -186,10 +186,14 @@ def prefill_flops(config: Any, top_k: int, active_blocks: int, prompt_tokens: in
     return parts
 
 
-def prefill_bytes(config: Any, top_k: int, active_blocks: int, prompt_tokens: int) -> dict[str, float]:
-    """Weight and KV bytes a prefill must move at least once (experts: expected distinct experts hit)."""
+def prefill_bytes(
+    config: Any, top_k: int, active_blocks: int, prompt_tokens: int, experts_hit: float | None = None
+) -> dict[str, float]:
+    """Weight and KV bytes a prefill must move at least once. Experts: `experts_hit` distinct experts per
+    active block (measured: a random-weights model routes unevenly), else the number uniform routing hits."""
     t = TextShape.from_config(config)
-    experts_hit = expected_distinct_experts(t.num_experts, top_k, prompt_tokens)
+    if experts_hit is None:
+        experts_hit = expected_distinct_experts(t.num_experts, top_k, prompt_tokens)
     parts = {
         "attention": active_blocks * t.attention_params * BF16_BYTES,
         "norms": (active_blocks * t.block_norm_params + t.hidden_size) * BF16_BYTES,

@@ -302,6 +302,7 @@ class Runner:
         self.static_cache = None
         self.regional = Regional(model) if device == "cuda" else None  # inductor on CPU: slow, not needed
         layers = list(self.lm.layers)
+        self.routers = [layer.mlp.gate for layer in layers]
         # q/k/v weights concatenated now (views: no extra memory), before any graph is captured.
         self.fused_modules = {
             blocks: FusedModules(layers, [layer.mlp.gate for layer in layers], blocks=blocks)
@@ -320,6 +321,29 @@ class Runner:
     def vision(self, inputs: PromptInputs):
         out = self.model.model.visual(inputs.pixel_values, grid_thw=inputs.image_grid_thw)
         return out.pooler_output, list(out.deepstack_features)
+
+    def routed_experts_per_block(self, inputs: PromptInputs, vision_embeds, deepstack) -> float:
+        """Mean number of distinct experts the prompt's tokens are routed to in each active block, from one
+        untimed prefill through transformers' modules (grouped_mm, dynamic cache): what a prefill must read of
+        the experts' weights. A random-weights model routes unevenly (no load-balancing training), so fewer
+        experts than uniform routing would hit, and a floor assuming uniform routing would be too high."""
+        counts: list[int] = []
+
+        def count(module, args, output) -> None:
+            counts.append(int(torch.unique(output[2]).numel()))
+
+        handles = [router.register_forward_hook(count) for router in self.routers]
+        saved = getattr(self, "path", None)
+        try:
+            self.use(PATHS["grouped_mm"])
+            with torch.no_grad():
+                self.prefill(inputs, vision_embeds, deepstack, self.new_cache())
+        finally:
+            for handle in handles:
+                handle.remove()
+            if saved is not None:
+                self.use(saved)
+        return sum(counts) / len(counts)
 
     # --- caches
     def new_cache(self):
@@ -756,13 +780,23 @@ def row(
     return out
 
 
-def floors_for(config, setting: Setting, stage: str, prompt_tokens: int, ceilings: floors.Ceilings) -> tuple:
+def floors_for(
+    config,
+    setting: Setting,
+    stage: str,
+    prompt_tokens: int,
+    ceilings: floors.Ceilings,
+    experts_hit: float | None = None,
+) -> tuple:
+    """(floor, work) of a stage; prefill: `experts_hit` distinct experts read per active block (measured)."""
     if stage == "vision":
         flops = floors.vision_flops(config, setting.vision_tokens)["total"]
         nbytes = floors.vision_bytes(config, setting.vision_tokens)
     elif stage == "prefill":
         flops = floors.prefill_flops(config, setting.top_k, setting.active_blocks, prompt_tokens)["total"]
-        nbytes = floors.prefill_bytes(config, setting.top_k, setting.active_blocks, prompt_tokens)["total"]
+        nbytes = floors.prefill_bytes(
+            config, setting.top_k, setting.active_blocks, prompt_tokens, experts_hit
+        )["total"]
     else:  # decode: the new token attends to the prompt and itself
         flops = 0.0
         nbytes = floors.decode_step_bytes(config, setting.top_k, setting.active_blocks, prompt_tokens + 1)[
@@ -992,6 +1026,7 @@ def main(argv: list[str] | None = None) -> dict:
     def measure(setting: Setting, index: int, repeat: bool = False, which: list[Path_] = paths) -> None:
         keep = knobs.apply(setting.top_k, setting.active_blocks)
         inp = inputs[setting.vision_tokens]
+        experts_hit = runner.routed_experts_per_block(inp, *vision_out[setting.vision_tokens])
         for path in which:
             if path.name == "eager" and index >= args.eager_settings:
                 continue
@@ -1018,9 +1053,14 @@ def main(argv: list[str] | None = None) -> dict:
             for stage in ("prefill", "decode"):
                 if stage not in res:
                     continue
-                floor, work = floors_for(config, setting, stage, inp.prompt_tokens, ceilings)
+                floor, work = floors_for(config, setting, stage, inp.prompt_tokens, ceilings, experts_hit)
                 r = row(card, path.name, stage, setting, inp.prompt_tokens, res[stage], floor, work)
                 r["kept_blocks"] = keep
+                if stage == "prefill":
+                    r["experts_hit_per_block"] = experts_hit
+                    r["experts_hit_per_block_uniform"] = floors.expected_distinct_experts(
+                        config.text_config.num_experts, setting.top_k, inp.prompt_tokens
+                    )
                 if stage == "decode" and path.cache == "static":
                     r["graph"] = res.get("graph", False)
                     r["compiled"] = path.compile or (path.regional and runner.regional is not None)

@@ -277,6 +277,20 @@ def test_benchmark_runs_end_to_end_on_cpu(tmp_path):
     regional = {p for p in paths if p.startswith("fused_regional_graph")} - {"fused_regional_graph"}
     assert {(p, "prefill") for p in paths - regional} | {("all", "vision")} <= measured
     assert not result["errors"]
+    # Prefill floors read the experts the prompt was actually routed to (a random model routes unevenly).
+    from bench import floors
+    from bench.model import make_config
+
+    config = make_config(tiny=True)
+    prefills = [r for r in result["rows"] if r["stage"] == "prefill"]
+    assert prefills
+    for r in prefills:
+        hit = r["experts_hit_per_block"]
+        assert 1 <= hit <= config.text_config.num_experts
+        expected = floors.prefill_bytes(config, r["top_k"], r["active_blocks"], r["prompt_tokens"], hit)[
+            "total"
+        ]
+        assert r["bytes"] == pytest.approx(expected)
     for r in result["rows"]:
         assert (
             r["n"] == 2 and r["floor_ms"] > 0 and r["ratio"] == pytest.approx(r["median_ms"] / r["floor_ms"])

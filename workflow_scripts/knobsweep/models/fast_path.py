@@ -47,7 +47,10 @@ masked until then) and the image-token count rounded up to `IMAGE_BUCKET` (padde
 a padded position). The keys and values go straight into the decoder's static cache. The measured prefill
 includes the padded positions' work: at most PREFILL_BUCKET extra tokens (about 5% at 314 tokens, <= 0.8% at
 1898). Graphs are captured before the request's clock starts, once per (length bucket, image bucket) and
-decoder, and share one memory pool.
+decoder, and share one memory pool. On the fused paths the prefill runs the Qwen3 families' attention, router and
+RMSNorms through `FusedModules`' prefill forwards (the prompt's attention over its own cache slots, which the
+empty cache and the causal mask allow; one kernel per norm): on an H100 the 1898-token prefill of the real-size
+model takes 45 ms, against 76 ms with transformers' modules (bench/README.md).
 
 Static cache and graphs
 -----------------------
