@@ -26,20 +26,28 @@ from bench.model import build_model, make_config
 PROMPT = 5
 
 
+def _model_and_empty_cache(dtype: torch.dtype, batch: int, device: str, seed: int) -> tuple:
+    """A tiny Qwen3-VL-MoE language model, an empty 16-slot static cache with every layer initialised, and the
+    cache argument's name (`past_key_values` in transformers 5.17, `cache` in newer 5.x)."""
+    from transformers import StaticCache
+
+    torch.manual_seed(seed)
+    model = build_model(make_config(tiny=True, initializer_range=0.3), device, dtype=dtype)
+    text = model.model.language_model
+    cache = StaticCache(config=text.config, max_cache_len=16)
+    for layer in cache.layers:
+        empty = torch.zeros(batch, 2, 0, 16, device=device, dtype=dtype)
+        layer.lazy_initialization(empty, empty)
+    parameters = inspect.signature(type(text.layers[1].self_attn).forward).parameters
+    return text, cache, "past_key_values" if "past_key_values" in parameters else "cache"
+
+
 def _prefilled_step(dtype: torch.dtype, batch: int, device: str) -> dict:
     """A tiny Qwen3-VL-MoE language model, a static cache whose layer 1 holds a PROMPT-token prefill, and the
     inputs of the next (one-token) step."""
-    from transformers import StaticCache
-
-    torch.manual_seed(0)
-    model = build_model(make_config(tiny=True, initializer_range=0.3), device, dtype=dtype)
-    text = model.model.language_model
+    text, cache, cache_arg = _model_and_empty_cache(dtype, batch, device, seed=0)
     attention = text.layers[1].self_attn
     hidden = text.config.hidden_size
-    cache = StaticCache(config=text.config, max_cache_len=16)
-    # The cache argument's name: `past_key_values` in transformers 5.17, `cache` in newer 5.x.
-    parameters = inspect.signature(type(attention).forward).parameters
-    cache_arg = "past_key_values" if "past_key_values" in parameters else "cache"
 
     def positions(start: int, length: int) -> torch.Tensor:
         return torch.arange(start, start + length, device=device).expand(3, batch, length)
@@ -48,10 +56,6 @@ def _prefilled_step(dtype: torch.dtype, batch: int, device: str) -> dict:
     causal = torch.ones(PROMPT, 16, dtype=torch.bool, device=device).tril().view(1, 1, PROMPT, 16)
     with torch.no_grad():
         embeddings = text.rotary_emb(prompt, positions(0, PROMPT))
-        for layer in cache.layers:  # only layer 1's is used; the rest need shapes
-            if not layer.is_initialized:
-                empty = torch.zeros(batch, 2, 0, 16, device=device, dtype=dtype)
-                layer.lazy_initialization(empty, empty)
         type(attention).forward(
             attention, prompt, embeddings, causal.expand(batch, 1, PROMPT, 16), **{cache_arg: cache}
         )
@@ -103,24 +107,14 @@ def compare_attention(dtype: torch.dtype, batch: int, device: str = "cpu") -> di
 def compare_prompt_attention(dtype: torch.dtype, batch: int, device: str = "cpu") -> dict[str, float]:
     """A 7-token prompt written into an empty static cache under a causal mask over the cache's slots, through
     transformers' attention and through `prompt_attention_forward` (the graphed prefill's)."""
-    from transformers import StaticCache
-
-    torch.manual_seed(1)
-    model = build_model(make_config(tiny=True, initializer_range=0.3), device, dtype=dtype)
-    text = model.model.language_model
+    text, cache, cache_arg = _model_and_empty_cache(dtype, batch, device, seed=1)
     attention = text.layers[1].self_attn
-    cache = StaticCache(config=text.config, max_cache_len=16)
-    parameters = inspect.signature(type(attention).forward).parameters
-    cache_arg = "past_key_values" if "past_key_values" in parameters else "cache"
     length = 7
     x = torch.randn(batch, length, text.config.hidden_size, device=device, dtype=dtype)
     positions = torch.arange(length, device=device).expand(3, batch, length)
     causal = torch.ones(length, 16, dtype=torch.bool, device=device).tril().view(1, 1, length, 16)
     with torch.no_grad():
         embeddings = text.rotary_emb(x, positions)
-        for layer in cache.layers:
-            empty = torch.zeros(batch, 2, 0, 16, device=device, dtype=dtype)
-            layer.lazy_initialization(empty, empty)
         reference_cache = copy.deepcopy(cache)
         mask = causal.expand(batch, 1, length, 16)
         expected, _ = type(attention).forward(attention, x, embeddings, mask, **{cache_arg: reference_cache})
