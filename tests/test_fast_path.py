@@ -275,6 +275,39 @@ def test_padded_static_prefill_gives_the_plain_paths_tokens_and_logits(
         assert graph.deepstack is None and graph.image_tokens == 0
 
 
+@pytest.mark.parametrize("family", STATIC_PREFILL_FAMILIES)
+def test_fused_static_prefill_runs_the_prompt_forwards_in_each_kept_block(
+    static_prefill_adapters, family, monkeypatch
+):
+    """On the fused paths the padded static prefill runs `FusedModules`' prefill forwards (prompt attention,
+    Triton RMSNorm; on the CPU they fall back to transformers', above on CUDA they are the kernels) in every
+    kept block and only there, and leaves no forward installed; the un-fused static path runs none."""
+    from knobsweep.models import decode_attention, rms_norm
+
+    calls = []
+    attend, normalise = decode_attention.prompt_attention_forward, rms_norm.rms_norm_forward
+    monkeypatch.setattr(
+        decode_attention,
+        "prompt_attention_forward",
+        lambda m, *a, **k: calls.append(("attention", id(m))) or attend(m, *a, **k),
+    )
+    monkeypatch.setattr(
+        rms_norm, "rms_norm_forward", lambda m, x: calls.append(("norm", id(m))) or normalise(m, x)
+    )
+    knobs = {"top_k": 2, "active_blocks": [1, 3, 4]}
+    adapter = static_prefill_adapters[family, True]
+    _run(adapter, knobs)
+    block_of = {id(m): i for i, layer in enumerate(adapter._original_layers) for m in layer.modules()}
+    assert sorted(block_of[m] for kind, m in calls if kind == "attention") == knobs["active_blocks"]
+    # input, post-attention, q and k norms; the prompt attention runs the q/k norms itself where Triton does
+    normed = sorted({block_of[m] for kind, m in calls if kind == "norm"})
+    assert normed == knobs["active_blocks"]
+    assert all("forward" not in m.__dict__ for layer in adapter._original_layers for m in layer.modules())
+    calls.clear()
+    _run(static_prefill_adapters[family, False], knobs)
+    assert calls == []
+
+
 def test_prefill_buckets_do_not_change_the_result(static_prefill_adapters, monkeypatch):
     """Padding is invisible to the real tokens: buckets of 16 and 128 tokens (and image buckets of 64 and 8)
     give the same logits."""
