@@ -7,6 +7,11 @@ transformers' sdpa path copies every key/value head num_key_value_groups times (
 given, which a static cache always needs. At batch 1 with one new token, the query heads that share a key/value
 head can instead be laid out as that head's "query positions": one sdpa call reads each cached key and value
 once. Registered as attention implementation "knobsweep_gqa"; anything but a single-token query goes to sdpa.
+
+Further down: split-KV decode attention ("knobsweep_splitkv"), the Qwen3 families' whole attention of a decode
+step (`fused_attention_forward`: one q/k/v GEMV, one kernel for norms, rotary embedding and cache writes) and of
+a prompt written into an empty static cache (`prompt_attention_forward`, the graphed prefill's), and the output
+projection's GEMV with the residual addition in its epilogue (`gemv`, `linear_residual`; `decode_block`).
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ outputs is one Triton kernel, which may add in another order). They differ in th
 `auto` is `fused_regional_graph` on CUDA for the families that support it (`static_graph` without Triton) and
 `eager` elsewhere: on CPU the plain path is the simplest correct one, and graphs do not exist there.
 
-The fused paths also replace, in decode steps only, the Qwen3 families' attention, router and decoder-block
-forwards (`FusedModules`): q/k/v in one GEMV over concatenated weights, one Triton kernel for the q/k norms,
+The fused paths also replace, in decode steps, the Qwen3 families' attention, router and decoder-block forwards
+(`FusedModules`; the graphed prefill has prefill forwards of its own, below): q/k/v in one GEMV over concatenated weights, one Triton kernel for the q/k norms,
 rotary embedding and cache writes (`decode_attention.fused_attention_forward`), a Triton router
 (`fused_moe.fused_router_forward`), and the blocks' residual additions inside the output projection's and the
 experts' kernels (`decode_block.fused_decoder_layer_forward`); on CPU the attention runs transformers' ops after
@@ -694,12 +694,12 @@ class FusedModules:
     (`install()`) or the graphed prefill (`install(prefill=True)`); each falls back to its class's forward for
     what it does not handle (on CPU, without Triton, the attention runs transformers' ops):
 
-    | module                        | decode step                                  | graphed prefill           |
-    | ----------------------------- | -------------------------------------------- | ------------------------- |
-    | Qwen3-style attention         | `decode_attention.fused_attention_forward`   | `prompt_attention_forward` |
-    | Qwen3 router                  | `fused_moe.fused_router_forward`             | the same                  |
-    | Qwen3 MoE decoder block       | `decode_block.fused_decoder_layer_forward`   | (the class's)             |
-    | Qwen3 RMSNorm in the blocks   | (compiled: `RegionalCompile`)                | `rms_norm.rms_norm_forward` |
+    | module                      | decode step                                | graphed prefill              |
+    | --------------------------- | ------------------------------------------ | ---------------------------- |
+    | Qwen3-style attention       | `decode_attention.fused_attention_forward` | `prompt_attention_forward`   |
+    | Qwen3 router                | `fused_moe.fused_router_forward`           | the same                     |
+    | Qwen3 MoE decoder block     | `decode_block.fused_decoder_layer_forward` | (the class's)                |
+    | Qwen3 RMSNorm in the blocks | (compiled: `RegionalCompile`)              | `rms_norm.rms_norm_forward`  |
 
     The attentions' q/k/v weights are concatenated once, here. A block is fused only where its attention and
     router are."""
@@ -748,5 +748,5 @@ class FusedModules:
                 module.forward = MethodType(getattr(owner, name), module)
 
     def uninstall(self) -> None:
-        for module, owner, decode, prompt in self.forwards:
+        for module, *_ in self.forwards:
             module.__dict__.pop("forward", None)
