@@ -46,6 +46,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from knobsweep.models.decode_attention import cache_from_kwargs
 from knobsweep.models.fast_path import FastDecoding, resolve_inference_path
 from knobsweep.timing import StageTimer, host_stage
 
@@ -89,7 +90,7 @@ class SkippedBlock(nn.Module):
         self.layer_idx = layer_idx
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = cache_from_kwargs(kwargs)
         if cache is not None and _holds_keys(cache, self.layer_idx):
             batch, length = hidden_states.shape[:2]
             placeholder = hidden_states.new_zeros(batch, 1, length, 1)

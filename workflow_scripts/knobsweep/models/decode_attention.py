@@ -475,12 +475,18 @@ def linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
     return out.view(residual.shape)
 
 
+def cache_from_kwargs(kwargs: dict) -> Any:
+    """The cache among a transformers forward's keyword arguments: `past_key_values` in transformers 5.17,
+    `cache` in newer 5.x; None if neither."""
+    return kwargs.get("cache", kwargs.get("past_key_values"))
+
+
 def _static_layer(attention: torch.nn.Module, kwargs: dict) -> Any:
-    """The initialised StaticLayer of `attention`'s layer in the cache among a forward's keyword arguments (the
-    cache argument: `past_key_values` in transformers 5.17, `cache` in newer 5.x), or None."""
+    """The initialised StaticLayer of `attention`'s layer in the cache among a forward's keyword arguments, or
+    None."""
     from transformers.cache_utils import StaticLayer
 
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    cache = cache_from_kwargs(kwargs)
     if cache is None or QKV_WEIGHT not in attention.__dict__:
         return None
     index = attention.layer_idx
@@ -587,7 +593,7 @@ def fused_attention_forward(
     layer = decode_cache_layer(self, hidden_states, kwargs)
     if layer is None:
         return type(self).forward(self, hidden_states, position_embeddings, attention_mask, **kwargs)
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    cache = cache_from_kwargs(kwargs)
     return attention_step(self, hidden_states, position_embeddings, attention_mask, cache, layer), None
 
 

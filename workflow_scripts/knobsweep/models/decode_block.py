@@ -70,7 +70,7 @@ def fused_decoder_layer_forward(
             position_embeddings=position_embeddings,
             **kwargs,
         )
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    cache = decode_attention.cache_from_kwargs(kwargs)
     normed = self.input_layernorm(hidden_states)
     hidden_states = decode_attention.attention_step(
         attention, normed, position_embeddings, attention_mask, cache, layer, residual=hidden_states
