@@ -26,15 +26,15 @@ from bench.model import build_model, make_config
 PROMPT = 5
 
 
-def _model_and_empty_cache(dtype: torch.dtype, batch: int, device: str, seed: int) -> tuple:
-    """A tiny Qwen3-VL-MoE language model, an empty 16-slot static cache with every layer initialised, and the
+def _model_and_empty_cache(dtype: torch.dtype, batch: int, device: str, seed: int, slots: int = 16) -> tuple:
+    """A tiny Qwen3-VL-MoE language model, an empty static cache of `slots` with every layer initialised, and the
     cache argument's name (`past_key_values` in transformers 5.17, `cache` in newer 5.x)."""
     from transformers import StaticCache
 
     torch.manual_seed(seed)
     model = build_model(make_config(tiny=True, initializer_range=0.3), device, dtype=dtype)
     text = model.model.language_model
-    cache = StaticCache(config=text.config, max_cache_len=16)
+    cache = StaticCache(config=text.config, max_cache_len=slots)
     for layer in cache.layers:
         empty = torch.zeros(batch, 2, 0, 16, device=device, dtype=dtype)
         layer.lazy_initialization(empty, empty)
@@ -105,18 +105,20 @@ def compare_attention(dtype: torch.dtype, batch: int, device: str = "cpu") -> di
 
 
 def compare_prompt_attention(dtype: torch.dtype, batch: int, device: str = "cpu") -> dict[str, float]:
-    """A 7-token prompt written into an empty static cache under a causal mask over the cache's slots, through
+    """A 21-token prompt (more than one block of the norm/rope/cache kernel's tokens, not a multiple of it)
+    written into an empty 24-slot static cache under a causal mask over the cache's slots, through
     transformers' attention and through `prompt_attention_forward` (the graphed prefill's)."""
-    text, cache, cache_arg = _model_and_empty_cache(dtype, batch, device, seed=1)
+    length, slots = 21, 24
+    assert length > decode_attention.PROMPT_TOKENS_PER_PROGRAM
+    text, cache, cache_arg = _model_and_empty_cache(dtype, batch, device, seed=1, slots=slots)
     attention = text.layers[1].self_attn
-    length = 7
     x = torch.randn(batch, length, text.config.hidden_size, device=device, dtype=dtype)
     positions = torch.arange(length, device=device).expand(3, batch, length)
-    causal = torch.ones(length, 16, dtype=torch.bool, device=device).tril().view(1, 1, length, 16)
+    causal = torch.ones(length, slots, dtype=torch.bool, device=device).tril().view(1, 1, length, slots)
     with torch.no_grad():
         embeddings = text.rotary_emb(x, positions)
         reference_cache = copy.deepcopy(cache)
-        mask = causal.expand(batch, 1, length, 16)
+        mask = causal.expand(batch, 1, length, slots)
         expected, _ = type(attention).forward(attention, x, embeddings, mask, **{cache_arg: reference_cache})
         decode_attention.concatenate_qkv(attention)
         got, _ = decode_attention.prompt_attention_forward(

@@ -108,9 +108,9 @@ def test_grouped_experts_support_rules(experts_by_dtype):
     reason="on a GPU the fast-path tests and bench.latency's kernel checks run them compiled",
 )
 def test_triton_experts_kernels_match_references_in_the_interpreter():
-    """The decode kernels with the down projection split over pairs or not, and the grouped experts' Triton
-    combine, run by Triton's CPU interpreter in float32 (~15 s; a subprocess because TRITON_INTERPRET must be
-    set before Triton is imported)."""
+    """The decode kernels with the down projection split over pairs or not, and the prefill's grouped experts
+    (Triton GEMMs and combine), run by Triton's CPU interpreter in float32 (~25 s; a subprocess because
+    TRITON_INTERPRET must be set before Triton is imported)."""
     pytest.importorskip("triton", reason="the Triton kernels need the triton package")
     script = textwrap.dedent("""
         import sys
@@ -137,7 +137,33 @@ def test_triton_experts_kernels_match_references_in_the_interpreter():
                 ref = moe.grouped_mm_experts_forward(experts, x, ids, w)
                 got = fused_moe.moe_grouped(experts, x, ids, w)
                 errors[f"grouped_{m}_{k}"] = float((got - ref).norm() / ref.norm())
+        # The prefill's grouped GEMMs with tiles smaller than an expert's rows (several row and column blocks
+        # per expert, partial blocks; ~75 rows per expert), against the per-pair reference; and with the
+        # weights stored transposed (transformers' is_transposed layout), against the same GEMM untransposed.
+        fused_moe.GROUPED_CONFIGS = {"gate_up": (16, 16, 16, 4, 2), "down": (16, 32, 16, 4, 2)}
+        x = torch.randn(300, 64)
+        ids = torch.stack([torch.randperm(32)[:8] for _ in range(300)])
+        w = torch.softmax(torch.randn(300, 8), -1)
+        ref = fused_moe.moe_reference(x, experts.gate_up_proj, experts.down_proj, ids, w)
+        got = fused_moe.moe_grouped(experts, x, ids, w)
+        errors["grouped_300_8_small_tiles"] = float((got - ref).norm() / ref.norm())
+        sorted_ids, perm = torch.sort(ids.reshape(-1).to(torch.int16), stable=True)
+        ends = torch.searchsorted(sorted_ids, torch.arange(1, 33, dtype=torch.int16), out_int32=True)
+        args = (perm, ends, 8)
+        plain = fused_moe.grouped_projection(x, experts.gate_up_proj, False, *args, gather=True, gated=True)
+        flipped = experts.gate_up_proj.transpose(1, 2).contiguous()
+        transposed = fused_moe.grouped_projection(x, flipped, True, *args, gather=True, gated=True)
+        errors["grouped_transposed"] = float((transposed - plain).norm() / plain.norm())
         print(errors)
-        assert len(errors) == 7 and all(e < 1e-5 for e in errors.values()), errors
+        assert len(errors) == 9 and all(e < 1e-5 for e in errors.values()), errors
+        # The pairs' expert order from the Triton kernels equals a stable sort's exactly: experts with no pair,
+        # expert counts that are not powers of two, more chunks than the prefix kernel's tile (16,800 pairs).
+        for tokens, k, num_experts, used in [(37, 5, 32, 20), (2100, 8, 32, 32), (9, 1, 20, 3), (300, 4, 512, 500)]:
+            ids = torch.stack([torch.randperm(used)[:k] for _ in range(tokens)])
+            perm, ends = fused_moe.expert_order(ids, num_experts)
+            sorted_ids, expected = torch.sort(ids.reshape(-1), stable=True)
+            bounds = torch.arange(1, num_experts + 1)
+            assert torch.equal(perm, expected), (tokens, k, num_experts)
+            assert torch.equal(ends, torch.searchsorted(sorted_ids, bounds, out_int32=True)), (tokens, num_experts)
     """)
     run_in_triton_interpreter(script, str(ROOT), str(ROOT / "workflow_scripts"))

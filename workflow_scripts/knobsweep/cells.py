@@ -34,7 +34,9 @@ if TYPE_CHECKING:
 #    internvl's prefill is graphed too.
 # 5: ... and their decoder blocks' residual additions inside the output projection's and experts' kernels
 #    (`decode_block`).
-INFERENCE_CODE_VERSION = "5"
+# 6: their prefill's experts run as Triton grouped GEMMs (`fused_moe.grouped_projection`, the gate in the
+#    gate/up GEMM's epilogue) on pairs put in expert order by Triton kernels (`expert_order`).
+INFERENCE_CODE_VERSION = "6"
 
 SHARD_COLUMNS = (
     "workload",

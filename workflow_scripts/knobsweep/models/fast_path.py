@@ -3,9 +3,10 @@
 Every path runs the same transformers modules with the same knobs (run-time top-k, skipped blocks passing the
 hidden state through, vision-token resize) and the same prefill: one forward over the prompt with a
 DynamicCache, vision encoder inside it, as the plain path. The fused paths run the prefill's experts through
-`fused_moe.moe_grouped` when the loaded implementation is transformers' `grouped_mm`: the same grouped GEMMs,
-gate and rounding without its extra passes (bit-identical on CPU; on CUDA the per-token sum of the K expert
-outputs is one Triton kernel, which may add in another order). They differ in the decode steps:
+`fused_moe.moe_grouped` when the loaded implementation is transformers' `grouped_mm`: the same GEMMs per expert,
+gate and rounding without its extra passes (bit-identical on CPU; on CUDA the GEMMs, with the gate in the first
+one's epilogue, and the per-token sum of the K expert outputs are Triton kernels, which may add in another
+order). They differ in the decode steps:
 
 | path                   | KV cache in decode | decode step            | experts / attention in decode      |
 | ---------------------- | ------------------ | ---------------------- | ---------------------------------- |

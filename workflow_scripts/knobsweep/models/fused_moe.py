@@ -12,13 +12,16 @@ pair, and a third their routing-weighted sum per token. No host synchronisation,
 in a CUDA graph. On CPU, without the Triton interpreter (TRITON_INTERPRET=1), the same arithmetic runs in torch
 (`moe_reference`).
 
-More tokens (a prefill, a batch of more rows): `moe_grouped`, transformers' `grouped_mm` arithmetic (the same
-two grouped GEMMs on tokens sorted by expert, the same gate, the same rounding) without its extra passes over
-the (tokens x top_k, hidden) activations: transformers 5.17 masks them three times for expert parallelism
-(12 ms of a 96 ms prefill on an H100), then weights, un-permutes and sums them in three more kernels, which
-one Triton kernel does here (`_combine_kernel`); its SiLU gate (split, silu, multiply) is one Triton kernel too
-(`_silu_mul_kernel`, same roundings), and the pairs are sorted by 16-bit expert ids (2 radix passes, not 8). In float32 on CUDA, where torch's grouped_mm has no kernel
-and its fallback synchronises with the host (which a CUDA graph cannot capture), transformers' `batched_mm`.
+More tokens (a prefill, a batch of more rows): `moe_grouped`, transformers' `grouped_mm` arithmetic (two GEMMs
+per expert on the (token, expert) pairs in expert order, the same gate, the same rounding) without its extra
+passes over the (tokens x top_k, hidden) activations: transformers 5.17 masks them three times for expert
+parallelism (12 ms of a 96 ms prefill on an H100), gathers the tokens into a copy, then weights, un-permutes and
+sums the outputs in three more kernels. On CUDA here: the pairs put in expert order by three small kernels
+(`expert_order`, the permutation of a stable sort), the two GEMMs as Triton kernels that read each pair's token
+in place, apply the SiLU gate in the gate/up GEMM's epilogue and write the down GEMM's rows in pair order
+(`grouped_projection`), and one kernel for the routing-weighted sums (`_combine_kernel`). On CPU, torch's
+grouped_mm (bit-identical to transformers). In float32 on CUDA, where torch's grouped_mm has no kernel and its
+fallback synchronises with the host (which a CUDA graph cannot capture), transformers' `batched_mm`.
 
 Registered as the experts implementation "knobsweep_fused" (`register`).
 """
@@ -48,6 +51,9 @@ SPLIT_DOWN_MIN_PAIRS = 2
 DOWN_BLOCK_N = 8
 SINGLE_DOWN_BLOCK_N, SINGLE_DOWN_BLOCK_I, SINGLE_DOWN_WARPS = 4, 1024, 8
 COMBINE_BLOCK_N = 256
+# The prefill's grouped GEMMs (`grouped_projection`): (block_m, block_n, block_k, warps, stages) per projection.
+# Best of bench/moe_kernels.py --sweep on an H100 at 1898 tokens, top-8, in both routings (bench/README.md).
+GROUPED_CONFIGS = {"gate_up": (128, 128, 64, 8, 4), "down": (128, 256, 64, 8, 3)}
 
 
 def moe_reference(
@@ -215,17 +221,149 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
-    def _silu_mul_kernel(gate_up_ptr, out_ptr, INTER, BLOCK: tl.constexpr):
-        # One program: BLOCK features of one row of (S, 2 INTER) gate/up outputs (gate first) -> (S, INTER):
-        # silu(gate) rounded to the dtype, times up, rounded (torch's silu, then its multiplication).
-        row = tl.program_id(0).to(tl.int64)
-        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < INTER
+    def _grouped_gemm_kernel(
+        a_ptr,
+        pairs_ptr,
+        w_ptr,
+        ends_ptr,
+        out_ptr,
+        N,
+        K_DIM,
+        E,
+        TOP_K,
+        stride_we,
+        stride_wn,
+        stride_wk,
+        GATHER: tl.constexpr,
+        SCATTER: tl.constexpr,
+        GATED: tl.constexpr,
+        EVEN: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_E: tl.constexpr,
+    ):
+        # One program: BLOCK_M rows of one expert (pairs sorted by expert, ends_ptr[e] = pairs of experts 0..e)
+        # times BLOCK_N columns of that expert's weight, w[e] (N or, GATED, 2N rows of K_DIM, any strides).
+        # Row r of expert order is pair pairs[r]: GATHER reads a's row pairs[r] // TOP_K (the pair's token),
+        # else row r; SCATTER writes out's row pairs[r] (pair order), else row r. GATED: the gate rows (first
+        # N) and up rows (next N) in two accumulators, out = silu(gate) * up with transformers' roundings
+        # (each projection rounded, silu rounded, the product rounded). Program ids of dimension 0 count each
+        # expert's row blocks in expert order; past the last block a program returns at once.
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        offs_e = tl.arange(0, BLOCK_E)
+        in_e = offs_e < E
+        ends = tl.load(ends_ptr + offs_e, mask=in_e, other=0)
+        starts = tl.load(ends_ptr + offs_e - 1, mask=in_e & (offs_e > 0), other=0)
+        blocks = tl.where(in_e, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
+        block_ends = tl.cumsum(blocks, axis=0)
+        expert = tl.sum((block_ends <= pid_m).to(tl.int32), axis=0)
+        if expert >= E:
+            return
+        mine = offs_e == expert
+        first_row = tl.sum(tl.where(mine, starts + (pid_m - block_ends + blocks) * BLOCK_M, 0), axis=0)
+        row_end = tl.sum(tl.where(mine, ends, 0), axis=0)
+        rows = first_row + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        if GATHER or SCATTER:
+            pair = tl.load(pairs_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        if GATHER:
+            source = pair // TOP_K
+        else:
+            source = rows.to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + source[:, None] * K_DIM + offs_k[None, :]
+        w_ptrs = (
+            w_ptr
+            + expert.to(tl.int64) * stride_we
+            + offs_n[None, :] * stride_wn
+            + offs_k[:, None] * stride_wk
+        )
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if GATED:
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K_DIM, BLOCK_K):
+            if EVEN:
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                w = tl.load(w_ptrs)
+            else:
+                k_ok = (k0 + offs_k) < K_DIM
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+            if GATED:
+                if EVEN:
+                    w_up = tl.load(w_ptrs + N * stride_wn)
+                else:
+                    w_up = tl.load(w_ptrs + N * stride_wn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                acc_up = tl.dot(a, w_up, acc_up, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * stride_wk
         dtype = out_ptr.dtype.element_ty
-        g = tl.load(gate_up_ptr + row * 2 * INTER + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(gate_up_ptr + row * 2 * INTER + INTER + offs, mask=mask, other=0.0).to(tl.float32)
-        silu = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
-        tl.store(out_ptr + row * INTER + offs, (silu * u).to(dtype), mask=mask)
+        if GATED:
+            gate = acc.to(dtype).to(tl.float32)
+            silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+            out = (silu * acc_up.to(dtype).to(tl.float32)).to(dtype)
+        else:
+            out = acc.to(dtype)
+        if SCATTER:
+            target = pair
+        else:
+            target = rows.to(tl.int64)
+        tl.store(out_ptr + target[:, None] * N + offs_n[None, :], out, mask=row_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _expert_counts_kernel(ids_ptr, counts_ptr, S, E, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr):
+        # One program per CHUNK pairs: how many of them each expert gets (counts row = the chunk).
+        offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + offs, mask=offs < S, other=-1)
+        experts = tl.arange(0, BLOCK_E)
+        counts = tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+        tl.store(counts_ptr + tl.program_id(0) * E + experts, counts, mask=experts < E)
+
+    @triton.jit
+    def _expert_offsets_kernel(counts_ptr, ends_ptr, CHUNKS, E, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr):
+        # One program: ends[e] = pairs of experts 0..e; counts (CHUNKS, E) becomes, in place, where each chunk's
+        # first pair of each expert goes in expert order (the expert's start plus earlier chunks' pairs).
+        experts = tl.arange(0, BLOCK_E)
+        in_e = experts < E
+        totals = tl.zeros((BLOCK_E,), dtype=tl.int32)
+        for c0 in range(0, CHUNKS, BLOCK_C):
+            chunks = c0 + tl.arange(0, BLOCK_C)
+            tile = (chunks < CHUNKS)[:, None] & in_e[None, :]
+            totals += tl.sum(
+                tl.load(counts_ptr + chunks[:, None] * E + experts[None, :], mask=tile, other=0), 0
+            )
+        ends = tl.cumsum(totals, axis=0)
+        tl.store(ends_ptr + experts, ends, mask=in_e)
+        carry = ends - totals
+        for c0 in range(0, CHUNKS, BLOCK_C):
+            chunks = c0 + tl.arange(0, BLOCK_C)
+            tile = (chunks < CHUNKS)[:, None] & in_e[None, :]
+            ptrs = counts_ptr + chunks[:, None] * E + experts[None, :]
+            counts = tl.load(ptrs, mask=tile, other=0)
+            tl.store(ptrs, carry[None, :] + tl.cumsum(counts, axis=0) - counts, mask=tile)
+            carry += tl.sum(counts, axis=0)
+
+    @triton.jit
+    def _expert_scatter_kernel(
+        ids_ptr, starts_ptr, perm_ptr, S, E, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr
+    ):
+        # One program per CHUNK pairs: each pair's row in expert order = its chunk's start for its expert plus
+        # the pairs of that expert before it in the chunk (what a stable sort by expert gives); perm[row] = pair.
+        offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+        valid = offs < S
+        ids = tl.load(ids_ptr + offs, mask=valid, other=-1)
+        experts = tl.arange(0, BLOCK_E)
+        one_hot = (ids[:, None] == experts[None, :]).to(tl.int32)
+        before = tl.sum(one_hot * (tl.cumsum(one_hot, axis=0) - one_hot), axis=1)
+        starts = tl.load(starts_ptr + tl.program_id(0) * E + experts, mask=experts < E, other=0)
+        rows = tl.sum(one_hot * starts[None, :], axis=1) + before
+        tl.store(perm_ptr + rows, offs.to(tl.int64), mask=valid)
 
     @triton.jit
     def _router_logits_kernel(x_ptr, w_ptr, out_ptr, H, E, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -442,22 +580,12 @@ def _combine(
     )
 
 
-def _apply_gate(experts: torch.nn.Module, projected: torch.Tensor) -> torch.Tensor:
-    """The experts' gate on the gate/up GEMM's output (S, 2I): transformers' default gate with SiLU (split,
-    silu, multiply: three passes over the activations) in one Triton kernel where it runs, else the experts'
-    own `_apply_gate`."""
+def _default_silu_gate(experts: torch.nn.Module) -> bool:
+    """The experts use transformers' default gate (split the gate/up output, silu(gate) * up) with SiLU."""
     from transformers.integrations import moe
 
     default = getattr(type(experts), "_apply_gate", None) is getattr(moe, "_default_apply_gate", object())
-    silu = type(getattr(experts, "act_fn", None)).__name__ in ("SiLUActivation", "SiLU")
-    if not (default and silu and triton_usable(projected) and projected.is_contiguous()):
-        return experts._apply_gate(projected)
-    rows, width = projected.shape
-    inter = width // 2
-    out = torch.empty(rows, inter, dtype=projected.dtype, device=projected.device)
-    block = min(1024, triton.next_power_of_2(inter))
-    _silu_mul_kernel[(rows, triton.cdiv(inter, block))](projected, out, inter, BLOCK=block, num_warps=4)
-    return out
+    return default and type(getattr(experts, "act_fn", None)).__name__ in ("SiLUActivation", "SiLU")
 
 
 def _grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -466,27 +594,126 @@ def _grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) ->
     return grouped_mm(x.to(weight.dtype), weight, offs=offsets)
 
 
+def grouped_projection(
+    a: torch.Tensor,
+    weight: torch.Tensor,
+    transposed: bool,
+    pairs: torch.Tensor,
+    ends: torch.Tensor,
+    top_k: int,
+    gather: bool = False,
+    scatter: bool = False,
+    gated: bool = False,
+    config: tuple[int, int, int, int, int] | None = None,
+) -> torch.Tensor:
+    """One grouped GEMM of the prefill's experts in Triton (`_grouped_gemm_kernel`): for the pairs sorted by
+    expert (pairs[r] = the pair in row r of expert order; ends[e] = pairs routed to experts 0..e), row r of
+    expert e times weight[e] (E, out, in), or (E, in, out) when `transposed` (transformers' `is_transposed`).
+
+    gather: a is (tokens, in) and row r reads token pairs[r] // top_k (no gathered copy of the activations);
+    scatter: the result's row pairs[r] (pair order, what the combine reads) instead of row r; gated: weight's
+    outputs are the gate then the up projection, the result is silu(gate) * up (the gate in the GEMM's
+    epilogue). config: (block_m, block_n, block_k, warps, stages), default GROUPED_CONFIGS."""
+    rows = pairs.numel()
+    experts, outputs = weight.shape[0], weight.shape[2 if transposed else 1]
+    width = outputs // 2 if gated else outputs
+    in_features = a.shape[-1]
+    block_m, block_n, block_k, warps, stages = config or GROUPED_CONFIGS["gate_up" if gated else "down"]
+    stride_n, stride_k = (weight.stride(2), weight.stride(1)) if transposed else weight.stride()[1:]
+    out = torch.empty(rows, width, device=a.device, dtype=a.dtype)
+    # Row blocks: each expert's rows rounded up to block_m, at most rows / block_m + one partial per expert.
+    grid = (triton.cdiv(rows, block_m) + experts, triton.cdiv(width, block_n))
+    _grouped_gemm_kernel[grid](
+        a.contiguous(),
+        pairs,
+        weight,
+        ends,
+        out,
+        width,
+        in_features,
+        experts,
+        top_k,
+        weight.stride(0),
+        stride_n,
+        stride_k,
+        GATHER=gather,
+        SCATTER=scatter,
+        GATED=gated,
+        EVEN=in_features % block_k == 0 and width % block_n == 0,
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        BLOCK_E=triton.next_power_of_2(experts),
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return out
+
+
+def expert_order(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (token, expert) pairs in expert order: perm (S,) int64, the pair (token * K + slot) of each row,
+    pairs of one expert in pair order, as `torch.sort(ids, stable=True)` gives them; ends (E,) int32, pairs
+    routed to experts 0..e. Three Triton kernels where Triton runs (per-chunk counts, their prefix sums, the
+    scatter): a radix sort with its histogram, scans, fills and the searchsorted for the ends was ~10 small
+    kernels (1.3 ms of an H100's 1898-token prefill); torch's sort elsewhere."""
+    ids = top_k_index.reshape(-1)
+    if not triton_usable(ids):
+        # 16-bit keys where the expert ids fit: a radix sort of int64 keys takes 8 passes, of int16 keys 2.
+        small = num_experts <= torch.iinfo(torch.int16).max
+        sorted_ids, perm = torch.sort(ids.to(torch.int16 if small else torch.int64), stable=True)
+        bounds = torch.arange(1, num_experts + 1, device=ids.device, dtype=sorted_ids.dtype)
+        return perm, torch.searchsorted(sorted_ids, bounds, out_int32=True)
+    ids = ids.contiguous()
+    pairs = ids.numel()
+    block_e = triton.next_power_of_2(num_experts)
+    chunk = max(16, min(128, 8192 // block_e))  # a (chunk, experts) one-hot tile per program
+    chunks = triton.cdiv(pairs, chunk)
+    starts = torch.empty(chunks, num_experts, device=ids.device, dtype=torch.int32)
+    ends = torch.empty(num_experts, device=ids.device, dtype=torch.int32)
+    perm = torch.empty(pairs, device=ids.device, dtype=torch.int64)
+    _expert_counts_kernel[(chunks,)](ids, starts, pairs, num_experts, CHUNK=chunk, BLOCK_E=block_e)
+    _expert_offsets_kernel[(1,)](starts, ends, chunks, num_experts, BLOCK_C=chunk, BLOCK_E=block_e)
+    _expert_scatter_kernel[(chunks,)](ids, starts, perm, pairs, num_experts, CHUNK=chunk, BLOCK_E=block_e)
+    return perm, ends
+
+
 def moe_grouped(
-    experts: torch.nn.Module, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    experts: torch.nn.Module,
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    triton_gemms: bool | None = None,
 ) -> torch.Tensor:
     """transformers' `grouped_mm_experts_forward` arithmetic for gated experts without bias (the families'
-    experts), minus its extra passes: sort the (token, expert) pairs by expert, gather their tokens, the gate/up
-    grouped GEMM, the experts' own gate (`_apply_gate`), the down grouped GEMM, then each token's
-    routing-weighted sum: one Triton kernel on CUDA, transformers' own ops elsewhere (bit-identical there)."""
+    experts), minus its extra passes: sort the (token, expert) pairs by expert, the gate/up GEMM per expert,
+    the experts' gate, the down GEMM per expert, then each token's routing-weighted sum.
+
+    Where Triton runs and the gate is the default SiLU gate (`triton_gemms` None or True): both GEMMs in
+    `grouped_projection`, the gate/up one reading each pair's token where it lies and applying the gate in its
+    epilogue, the down one writing each pair's row where the combine kernel reads it; the GEMMs sum in fp32
+    as torch's do, in another order. Else (`triton_gemms` False, or on CPU) torch's grouped_mm on gathered
+    tokens and the experts' own gate: transformers' ops, bit-identical on CPU, then the combine kernel on
+    CUDA."""
     tokens, k = top_k_index.shape
-    # Sorted as 16-bit keys where the expert ids fit: a radix sort of int64 keys takes 8 passes (2.2 ms of an
-    # H100's 1898-token prefill), of int16 keys 2. The order within an expert's rows changes no result.
-    small = experts.num_experts <= torch.iinfo(torch.int16).max
-    expert_ids = top_k_index.reshape(-1).to(torch.int16 if small else torch.int64)
-    sorted_ids, perm = torch.sort(expert_ids, stable=True)
-    # offsets[e] = pairs routed to experts 0..e (what histc + cumsum give, in one kernel)
-    bounds = torch.arange(1, experts.num_experts + 1, device=x.device, dtype=sorted_ids.dtype)
-    offsets = torch.searchsorted(sorted_ids, bounds, out_int32=True)
+    perm, offsets = expert_order(top_k_index, experts.num_experts)
+    weights = top_k_weights.reshape(tokens, k)
+    if triton_gemms is None:
+        triton_gemms = triton_usable(x) and _default_silu_gate(experts)
+    if triton_gemms:
+        act = grouped_projection(
+            x, experts.gate_up_proj, experts.is_transposed, perm, offsets, k, gather=True, gated=True
+        )
+        y = grouped_projection(act, experts.down_proj, experts.is_transposed, perm, offsets, k, scatter=True)
+        out = torch.empty(tokens, x.shape[-1], device=x.device, dtype=x.dtype)
+        _combine(
+            y, None, weights.contiguous(), out, round_product=torch.result_type(y, weights) != torch.float32
+        )
+        return out
     gate_up = experts.gate_up_proj if experts.is_transposed else experts.gate_up_proj.transpose(-2, -1)
     down = experts.down_proj if experts.is_transposed else experts.down_proj.transpose(-2, -1)
     projected = _grouped_mm(x[perm // k], gate_up, offsets)  # (S, 2I), pairs in expert order
-    y = _grouped_mm(_apply_gate(experts, projected), down, offsets)  # (S, H)
-    weights = top_k_weights.reshape(tokens, k)
+    y = _grouped_mm(experts._apply_gate(projected), down, offsets)  # (S, H)
     # rows[p] = where pair p (token-major order) sits in expert order
     rows = torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=x.device))
     product_dtype = torch.result_type(y, weights)
