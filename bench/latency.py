@@ -27,7 +27,9 @@ Paths (bench/README.md says more):
                            projection's (a Triton GEMV) and the experts' kernels, the cache length advanced in
                            the split-KV combine kernel (`decode_block`); its prefill with the graphed-prefill
                            forwards (prompt attention over the prompt's own slots, Triton norms and router):
-                           the knob engine's `fused_regional_graph`, `auto` on CUDA
+                           the knob engine's `fused_regional_graph`, `auto` on CUDA. Since session 8 the
+                           decode norms of both `FusedModules` paths are Triton kernels (`rms_norm`), so
+                           nothing of theirs is compiled
   fused_compiled_graph     (--compiled) the whole decode step through torch.compile, default cell only
 
 Run (GPU):  PYTHONPATH=workflow_scripts python -m bench.latency --out results.json
@@ -272,8 +274,10 @@ class Regional:
                 layer.mlp,
             ]
 
-    def enable(self) -> None:
+    def enable(self, skip: set[int] = frozenset()) -> None:
         for m in self.modules:
+            if id(m) in skip:  # a fused forward (FusedModules) serves it: a compiled call would override it
+                continue
             if id(m) not in self.compiled:
                 self.compiled[id(m)] = torch.compile(m._call_impl, dynamic=False)
             m._compiled_call_impl = self.compiled[id(m)]
@@ -305,7 +309,9 @@ class Runner:
         self.routers = [layer.mlp.gate for layer in layers]
         # q/k/v weights concatenated now (views: no extra memory), before any graph is captured.
         self.fused_modules = {
-            blocks: FusedModules(layers, [layer.mlp.gate for layer in layers], blocks=blocks)
+            blocks: FusedModules(
+                layers, [layer.mlp.gate for layer in layers], blocks=blocks, final_norm=self.lm.norm
+            )
             for blocks in (False, True)
         }
 
@@ -505,7 +511,7 @@ class StaticDecoder(Captured):
         if fused is not None:
             fused.install()
         if regional:
-            r.regional.enable()
+            r.regional.enable(fused.decode_modules() if fused is not None else set())
         try:
             return self.lm_forward()
         finally:

@@ -250,23 +250,26 @@ def test_concatenated_qkv_keeps_the_projections_and_shares_their_memory():
 
 
 def test_fused_modules_install_and_remove_only_their_own_forwards():
-    """FusedModules takes every Qwen3 attention, router and block except a module whose instance already has a
-    forward (e.g. an offloading hook), which it leaves as it is (and its block); uninstall restores the class's
-    forwards."""
+    """FusedModules takes every Qwen3 attention, router, block and RMSNorm except a module whose instance already
+    has a forward (e.g. an offloading hook), which it leaves as it is (and its block); uninstall restores the
+    class's forwards."""
     from knobsweep.models.fast_path import FusedModules
 
     model = build_model(make_config(tiny=True, initializer_range=0.3), "cpu", dtype=torch.float32)
     layers = list(model.model.language_model.layers)
     hooked = layers[2].self_attn
     hooked.forward = lambda *a, **k: None
-    fused = FusedModules(layers, [layer.mlp.gate for layer in layers])
+    final_norm = model.model.language_model.norm
+    fused = FusedModules(layers, [layer.mlp.gate for layer in layers], final_norm=final_norm)
     modules = [entry[0] for entry in fused.forwards]
     kinds = [type(m).__name__ for m in modules]
     # attentions and routers; whole blocks where both are fused (not the hooked attention's block); the norms
     assert kinds.count("Qwen3VLMoeTextAttention") == len(layers) - 1 and hooked not in modules
     assert kinds.count("Qwen3VLMoeTextTopKRouter") == len(layers)
     assert kinds.count("Qwen3VLMoeTextDecoderLayer") == len(layers) - 1 and layers[2] not in modules
-    assert kinds.count("Qwen3VLMoeTextRMSNorm") == 4 * len(layers)  # input, post-attention, q and k norms
+    # input, post-attention, q and k norms, the final norm: in decode steps too, so `RegionalCompile` skips them
+    assert kinds.count("Qwen3VLMoeTextRMSNorm") == 4 * len(layers) + 1 and final_norm in modules
+    assert {id(m) for m in modules if type(m).__name__ == "Qwen3VLMoeTextRMSNorm"} <= fused.decode_modules()
     for prefill in (False, True):
         fused.install(prefill=prefill)
         installed = [(m, owner, prompt if prefill else decode) for m, owner, decode, prompt in fused.forwards]

@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 # 5: ... and their decoder blocks' residual additions inside the output projection's and experts' kernels
 #    (`decode_block`).
 # 6: their prefill's experts run as Triton grouped GEMMs (`fused_moe.grouped_projection`, the gate in the
-#    gate/up GEMM's epilogue) on pairs put in expert order by Triton kernels (`expert_order`).
+#    gate/up GEMM's epilogue) on pairs put in expert order by Triton kernels (`expert_order`); their decode
+#    steps' RMSNorms are Triton kernels too (`rms_norm`, transformers' rounding), not compiled ones.
 INFERENCE_CODE_VERSION = "6"
 
 SHARD_COLUMNS = (

@@ -29,11 +29,13 @@ experts' kernels (`decode_block.fused_decoder_layer_forward`); on CPU the attent
 the GEMV and the router and blocks are transformers'. Other families (ernie4_5_vl_moe) keep theirs.
 
 `fused_regional_graph` (and `fused_regional`, its un-graphed CPU test form) compiles the pieces every decoder
-block shares once (parameters are graph inputs, so all blocks reuse one compiled graph per shape and top-k) the
-first time a decoder is built in the process (~10 s on an H100, in the first request, which the cell's warm-up
-runs untimed, like the capture), and again for each new top-k (1-3 s). It rounds like the compiled kernels
-do, not like eager bf16 code. `fused_graph` is the same without compilation (decode ~1.6x slower on the real
-model): the choice where torch.compile does not work.
+block shares that have no fused forward (`RegionalCompile`: RMSNorms, MoE blocks, the rotary embedding;
+parameters are graph inputs, so all blocks reuse one compiled graph per shape and top-k) the first time a
+decoder is built in the process, in the first request, which the cell's warm-up runs untimed, like the
+capture, and again for each new top-k; compiled code rounds like the compiled kernels do, not like eager bf16
+code. For the Qwen3 families every piece of a decode step has a fused forward (norms included), so nothing is
+compiled and it equals `fused_graph`; for the others `fused_graph` is the choice where torch.compile does not
+work.
 
 Graphed prefill (`_graph` paths, families with `supports_static_prefill`: qwen3_vl_moe, internvl)
 ----------------------------------------------------------------------------------------------
@@ -50,8 +52,9 @@ includes the padded positions' work: at most PREFILL_BUCKET extra tokens (about 
 1898). Graphs are captured before the request's clock starts, once per (length bucket, image bucket) and
 decoder, and share one memory pool. On the fused paths the prefill runs the Qwen3 families' attention, router and
 RMSNorms through `FusedModules`' prefill forwards (the prompt's attention over its own cache slots, which the
-empty cache and the causal mask allow; one kernel per norm): on an H100 the 1898-token prefill of the real-size
-model takes 45 ms, against 76 ms with transformers' modules (bench/README.md).
+empty cache and the causal mask allow; one kernel per norm), and the experts through `moe_grouped`'s Triton
+GEMMs: on an H100 the 1898-token prefill of the real-size model takes 35.5 ms, against 76 ms with transformers'
+modules (bench/README.md).
 
 Static cache and graphs
 -----------------------
@@ -271,7 +274,7 @@ class StaticDecoder:
         if self.fused_modules is not None:
             self.fused_modules.install()
         if self.regional is not None:
-            self.regional.enable()
+            self.regional.enable(self.fused_modules.decode_modules() if self.fused_modules else set())
         try:
             yield
         finally:
@@ -378,7 +381,13 @@ class FastDecoding:
         # Compiled once per process and adapter, shared by every decoder (knob changes recompile by guard).
         self.regional = RegionalCompile(adapter) if self.spec.regional else None
         self.fused_modules = (
-            FusedModules(adapter._original_layers, adapter._routers) if self.spec.fused else None
+            FusedModules(
+                adapter._original_layers,
+                adapter._routers,
+                final_norm=getattr(adapter.text_model(), "norm", None),
+            )
+            if self.spec.fused
+            else None
         )
 
     def clear(self) -> None:
@@ -673,8 +682,12 @@ class RegionalCompile:
         self.rope_compiled: Any = None
         self.compiled: dict[int, Any] = {}
 
-    def enable(self) -> None:
+    def enable(self, skip: set[int] = frozenset()) -> None:
+        """Compiled calls for the modules, except those whose id is in `skip` (they have a fused forward: a
+        compiled call would take precedence over it)."""
         for m in self.modules:
+            if id(m) in skip:
+                continue
             if id(m) not in self.compiled:
                 self.compiled[id(m)] = torch.compile(m._call_impl, dynamic=False)
             m._compiled_call_impl = self.compiled[id(m)]
@@ -695,18 +708,22 @@ class FusedModules:
     (`install()`) or the graphed prefill (`install(prefill=True)`); each falls back to its class's forward for
     what it does not handle (on CPU, without Triton, the attention runs transformers' ops):
 
-    | module                      | decode step                                | graphed prefill              |
-    | --------------------------- | ------------------------------------------ | ---------------------------- |
-    | Qwen3-style attention       | `decode_attention.fused_attention_forward` | `prompt_attention_forward`   |
-    | Qwen3 router                | `fused_moe.fused_router_forward`           | the same                     |
-    | Qwen3 MoE decoder block     | `decode_block.fused_decoder_layer_forward` | (the class's)                |
-    | Qwen3 RMSNorm in the blocks | (compiled: `RegionalCompile`)              | `rms_norm.rms_norm_forward`  |
+    | module                        | decode step                                | graphed prefill            |
+    | ----------------------------- | ------------------------------------------ | -------------------------- |
+    | Qwen3-style attention         | `decode_attention.fused_attention_forward` | `prompt_attention_forward` |
+    | Qwen3 router                  | `fused_moe.fused_router_forward`           | the same                   |
+    | Qwen3 MoE decoder block       | `decode_block.fused_decoder_layer_forward` | (the class's)              |
+    | Qwen3 RMSNorm (blocks, final) | `rms_norm.rms_norm_forward`                | the same                   |
 
     The attentions' q/k/v weights are concatenated once, here. A block is fused only where its attention and
     router are."""
 
     def __init__(
-        self, layers: list[torch.nn.Module], routers: list[torch.nn.Module], blocks: bool = True
+        self,
+        layers: list[torch.nn.Module],
+        routers: list[torch.nn.Module],
+        blocks: bool = True,
+        final_norm: torch.nn.Module | None = None,
     ) -> None:
         from knobsweep.models import decode_attention, decode_block, fused_moe, rms_norm
 
@@ -739,8 +756,18 @@ class FusedModules:
                 and id(layer.mlp.gate) in fused
             ):
                 self.forwards.append((layer, decode_block, "fused_decoder_layer_forward", None))
-        norms = [m for layer in layers for m in layer.modules() if rms_norm.fusable_norm(m) and free(m)]
-        self.forwards += [(norm, rms_norm, None, "rms_norm_forward") for norm in norms]
+        # The blocks' norms and the language model's final norm (`final_norm`), in decode steps and prefills:
+        # with them every piece of a Qwen3 decode step has a Triton forward, and nothing is left for
+        # `RegionalCompile` (whose compilation was most of a worker's first knob change).
+        candidates = [m for layer in layers for m in layer.modules()] + [final_norm] * (
+            final_norm is not None
+        )
+        norms = [m for m in candidates if rms_norm.fusable_norm(m) and free(m)]
+        self.forwards += [(norm, rms_norm, "rms_norm_forward", "rms_norm_forward") for norm in norms]
+
+    def decode_modules(self) -> set[int]:
+        """ids of the modules with a decode-step forward here (what `RegionalCompile` must leave alone)."""
+        return {id(module) for module, _, decode, _ in self.forwards if decode is not None}
 
     def install(self, prefill: bool = False) -> None:
         for module, owner, decode, prompt in self.forwards:

@@ -1,10 +1,11 @@
-"""RMSNorm in one Triton kernel, for the fast paths' graphed prefill.
+"""RMSNorm in one Triton kernel, for the fast paths' graphed prefill and decode steps.
 
 transformers' Qwen3 RMSNorm runs as ~7 kernels (to float32, square, mean, add epsilon, rsqrt, multiply, round,
 times the weight), each a pass over a (tokens x hidden) tensor: ~4 ms of an H100's 1898-token prefill of the
 real model. Here one program normalises one row, rounding where transformers does: the normalised row is
 rounded to the input's dtype, then multiplied by the weight in float32 and rounded to the result's dtype
-(torch's type promotion of weight and input). Decode steps keep the compiled norms (`fast_path.RegionalCompile`).
+(torch's type promotion of weight and input). The fast paths use it in decode steps too (`fast_path.FusedModules`):
+one launch per norm, like the compiled norm it replaced, without compiling anything.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def fusable_norm(module: torch.nn.Module) -> bool:
 
 def rms_norm_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """An RMSNorm module's forward in one kernel where Triton runs (set on the instance by the fast paths around
-    the graphed prefill); the class's forward otherwise."""
+    decode steps and the graphed prefill); the class's forward otherwise."""
     from knobsweep.models.fused_moe import triton_usable
 
     if not triton_usable(hidden_states) or self.weight.shape[-1] != hidden_states.shape[-1]:
