@@ -89,6 +89,23 @@ def test_experts_forward_serves_decode_and_larger_inputs_with_the_right_path(exp
     assert calls == ["moe_reference", "moe_grouped"]
 
 
+def test_triton_gemms_serve_only_the_default_silu_gate(experts_by_dtype, monkeypatch):
+    """The grouped GEMMs apply SiLU(gate) * up in their epilogue: experts with another gate (an overridden
+    `_apply_gate`, another activation) must take torch's GEMMs and their own gate."""
+    experts = experts_by_dtype[torch.float32]
+    assert fused_moe._default_silu_gate(experts)
+    monkeypatch.setattr(experts, "act_fn", torch.nn.GELU())
+    assert not fused_moe._default_silu_gate(experts)
+    monkeypatch.undo()
+
+    class OwnGate(type(experts)):
+        def _apply_gate(self, gate_up):
+            return super()._apply_gate(gate_up) * 2
+
+    monkeypatch.setattr(experts, "__class__", OwnGate)
+    assert not fused_moe._default_silu_gate(experts)
+
+
 def test_grouped_experts_support_rules(experts_by_dtype):
     experts = experts_by_dtype[torch.bfloat16]
     assert fused_moe.grouped_supported(experts, torch.zeros(8, 64, dtype=torch.bfloat16))

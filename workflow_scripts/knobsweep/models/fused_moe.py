@@ -54,6 +54,9 @@ COMBINE_BLOCK_N = 256
 # The prefill's grouped GEMMs (`grouped_projection`): (block_m, block_n, block_k, warps, stages) per projection.
 # Best of bench/moe_kernels.py --sweep on an H100 at 1898 tokens, top-8, in both routings (bench/README.md).
 GROUPED_CONFIGS = {"gate_up": (128, 128, 64, 8, 4), "down": (128, 256, 64, 8, 3)}
+EXPERT_ORDER_MAX_EXPERTS = (
+    1024  # `expert_order`'s kernels hold a (pairs, experts) one-hot tile; beyond: a sort
+)
 
 
 def moe_reference(
@@ -658,7 +661,7 @@ def expert_order(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Ten
     scatter): a radix sort with its histogram, scans, fills and the searchsorted for the ends was ~10 small
     kernels (1.3 ms of an H100's 1898-token prefill); torch's sort elsewhere."""
     ids = top_k_index.reshape(-1)
-    if not triton_usable(ids):
+    if not triton_usable(ids) or num_experts > EXPERT_ORDER_MAX_EXPERTS:
         # 16-bit keys where the expert ids fit: a radix sort of int64 keys takes 8 passes, of int16 keys 2.
         small = num_experts <= torch.iinfo(torch.int16).max
         sorted_ids, perm = torch.sort(ids.to(torch.int16 if small else torch.int64), stable=True)
@@ -701,8 +704,9 @@ def moe_grouped(
     if triton_gemms is None:
         triton_gemms = triton_usable(x) and _default_silu_gate(experts)
     if triton_gemms:
+        a = x.to(experts.gate_up_proj.dtype)  # as torch's grouped_mm path casts it
         act = grouped_projection(
-            x, experts.gate_up_proj, experts.is_transposed, perm, offsets, k, gather=True, gated=True
+            a, experts.gate_up_proj, experts.is_transposed, perm, offsets, k, gather=True, gated=True
         )
         y = grouped_projection(act, experts.down_proj, experts.is_transposed, perm, offsets, k, scatter=True)
         out = torch.empty(tokens, x.shape[-1], device=x.device, dtype=x.dtype)
