@@ -19,6 +19,10 @@ Parts, each in its own try block; the JSON is rewritten (tmp file + os.replace) 
   warm-up; cell GPU time = n_eval x mean total; overhead ratio = overhead / cell GPU time (target <= 10 %).
 - repeatability: |P95 pass 2 - P95 pass 1| / P95 pass 1 per setting and workload (target <= 3 %), same for
   the median.
+- `--profile-changes`: each setting change under cProfile, its functions that took >= 1 % of it by cumulative
+  time in the cell's `setting_change_profile` (Triton compilation, graph captures, first-use initialisation:
+  where a worker's first cells spend their seconds; the profiler slows Python code, so compare the split, not
+  the change's own time, with unprofiled runs).
 - monotonicity: every pair of settings that differ in one knob; the setting with the smaller knob must not be
   slower (median total, mean of the two passes) by more than the noise = the larger pass-to-pass difference of
   the two settings' medians.
@@ -43,9 +47,11 @@ CPU smoke test (tiny model, seconds):
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
 import json
 import os
+import pstats
 import re
 import shutil
 import tempfile
@@ -282,6 +288,24 @@ def measure_load(args, real: dict, log) -> dict:
 # ------------------------------------------------------------------------------------------------ cells
 
 
+PROFILE_TOP = 30  # functions kept per profiled setting change
+
+
+def profile_rows(profile: cProfile.Profile, total_s: float) -> list[dict]:
+    """The functions that took >= 1 % of a profiled setting change, by cumulative time (what a setting change
+    spends on Triton compilation, graph captures, first-use initialisation...); own time and calls too."""
+    stats = pstats.Stats(profile)
+    rows = []
+    for (path, line, name), (_, calls, own, cumulative, _) in stats.stats.items():
+        if cumulative >= 0.01 * total_s:
+            where = f"{Path(path).name}:{line}" if line else path
+            rows.append(
+                {"function": f"{where}({name})", "cumulative_s": cumulative, "own_s": own, "calls": calls}
+            )
+    rows.sort(key=lambda r: -r["cumulative_s"])
+    return rows[:PROFILE_TOP]
+
+
 def run_cell(adapter, setting: dict, kind: str, args, real: dict, img, device: str) -> dict:
     """One cell as the workflow's worker runs it: configure, first request, warm-up, timed requests, reset."""
     max_new = QA_MAX_NEW_TOKENS if kind == "qa" else real["max_new_tokens_config"]["captioning"]
@@ -301,7 +325,10 @@ def run_cell(adapter, setting: dict, kind: str, args, real: dict, img, device: s
     start = time.monotonic()
     try:
         sync(device)
+        profile = cProfile.Profile() if args.profile_changes else None
         t0 = time.monotonic()
+        if profile is not None:
+            profile.enable()
         adapter.configure(top_k=setting["top_k"], active_blocks=setting["kept"])
         # configure() keeps the decoders (and graphs) when the knobs did not change, e.g. the default cell
         # right after reset(): then this cell's setting change captures nothing, as in the worker
@@ -310,6 +337,9 @@ def run_cell(adapter, setting: dict, kind: str, args, real: dict, img, device: s
         first = request()
         sync(device)
         row["setting_change_s"] = time.monotonic() - t0
+        if profile is not None:
+            profile.disable()
+            row["setting_change_profile"] = profile_rows(profile, row["setting_change_s"])
         row["first_request_total_ms"] = first.timings_ms["total"]
         t0 = time.monotonic()
         for _ in range(args.warmup):
@@ -536,6 +566,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--settings", nargs="+", default=None, help="e.g. vt1872_k8_b48 vt288_k1_b16")
     p.add_argument("--config", type=Path, default=REAL_CONFIG, help="the real run's config (n_eval, grid)")
     p.add_argument("--inference-path", default="auto", help="model.inference_path of the emulated cells")
+    p.add_argument(
+        "--profile-changes",
+        action="store_true",
+        help="profile each setting change (cProfile: where its seconds go; slows Python code, so the changes' "
+        "own times are then upper bounds)",
+    )
     args = p.parse_args(argv)
     if args.n_captioning is None:
         args.n_captioning = args.n

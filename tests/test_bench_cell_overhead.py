@@ -132,3 +132,22 @@ def test_load_part(run):
         load["load_s"] * load["full_model_bytes"] / load["bytes"]
     )
     assert not Path(load["dir"]).exists()  # temp checkpoint deleted
+
+
+def test_profiled_setting_changes_say_where_their_time_goes(tmp_path):
+    """--profile-changes: each cell's setting change carries the functions that took >= 1 % of it, by
+    cumulative time; the request that builds the cell's first output is among them."""
+    out = tmp_path / "co.json"
+    args = ["--tiny", "--device", "cpu", "--n", "1", "--warmup", "0", "--skip-load", "--out", str(out)]
+    result = main([*args, "--settings", SETTINGS[0], "--profile-changes"])
+    assert result["errors"] == []
+    for cell in result["cells"]:
+        rows = cell["setting_change_profile"]
+        cumulative = [r["cumulative_s"] for r in rows]
+        assert rows and cumulative == sorted(cumulative, reverse=True)
+        assert all(r["cumulative_s"] >= 0.01 * cell["setting_change_s"] and r["calls"] >= 1 for r in rows)
+        assert cumulative[0] <= cell["setting_change_s"] * 1.01  # a part of the timed change
+        assert any("(generate_batch)" in r["function"] for r in rows)
+    # without the flag, nothing is profiled
+    plain = main([*args, "--settings", SETTINGS[0]])
+    assert all("setting_change_profile" not in cell for cell in plain["cells"])
