@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from knobsweep.models.fast_path import FusedModules
+from knobsweep.models.fast_path import FusedModules, RegionalCompile
 from transformers import DynamicCache, StaticCache
 
 from bench import attention as gqa_attention
@@ -249,48 +249,6 @@ def _deepstack_by_index(
     return out
 
 
-class Regional:
-    """torch.compile of the pieces every decoder block shares (RMSNorms, the MoE block, rotary embedding).
-
-    Compiled once per shape and top_k and reused by all blocks (parameters are graph inputs), unlike compiling
-    the whole step, which bakes in the block list and top_k. Enabled only around the decode step.
-    """
-
-    def __init__(self, model):
-        from transformers.models.qwen3_vl_moe import modeling_qwen3_vl_moe as modeling
-
-        self.modeling = modeling
-        self.rope = modeling.apply_rotary_pos_emb
-        self.rope_compiled = None
-        self.compiled: dict[int, object] = {}
-        lm = model.model.language_model
-        self.modules = [lm.norm]
-        for layer in lm.layers:
-            self.modules += [
-                layer.input_layernorm,
-                layer.post_attention_layernorm,
-                layer.self_attn.q_norm,
-                layer.self_attn.k_norm,
-                layer.mlp,
-            ]
-
-    def enable(self, skip: set[int] = frozenset()) -> None:
-        for m in self.modules:
-            if id(m) in skip:  # a fused forward (FusedModules) serves it: a compiled call would override it
-                continue
-            if id(m) not in self.compiled:
-                self.compiled[id(m)] = torch.compile(m._call_impl, dynamic=False)
-            m._compiled_call_impl = self.compiled[id(m)]
-        if self.rope_compiled is None:
-            self.rope_compiled = torch.compile(self.rope, dynamic=False)
-        self.modeling.apply_rotary_pos_emb = self.rope_compiled
-
-    def disable(self) -> None:
-        for m in self.modules:
-            m._compiled_call_impl = None
-        self.modeling.apply_rotary_pos_emb = self.rope
-
-
 class Runner:
     """Vision, prefill and decode for one model under the currently applied knobs and a chosen path."""
 
@@ -304,7 +262,8 @@ class Runner:
         params = inspect.signature(self.lm.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
         self.static_cache = None
-        self.regional = Regional(model) if device == "cuda" else None  # inductor on CPU: slow, not needed
+        # the knob engine's regional compilation (inductor on CPU: slow, not needed)
+        self.regional = RegionalCompile(self.lm, list(self.lm.layers)) if device == "cuda" else None
         layers = list(self.lm.layers)
         self.routers = [layer.mlp.gate for layer in layers]
         # q/k/v weights concatenated now (views: no extra memory), before any graph is captured.

@@ -310,11 +310,11 @@ def test_benchmark_runs_end_to_end_on_cpu(tmp_path):
 def test_regional_compile_is_shared_by_all_blocks_and_exact(tiny_fp32):
     """Compiling norms, MoE blocks and rope once must serve every block (no per-block recompiles) and
     change nothing numerically (inductor on CPU; ~25 s)."""
+    from knobsweep.models.fast_path import RegionalCompile
     from torch import _dynamo as dynamo
     from torch._dynamo.utils import counters
 
     from bench import fused_moe
-    from bench.latency import Regional
 
     _, model = tiny_fp32
     fused_moe.register()
@@ -322,7 +322,7 @@ def test_regional_compile_is_shared_by_all_blocks_and_exact(tiny_fp32):
     lm = model.model.language_model
     dynamo.reset()
     counters.clear()
-    regional = Regional(model)
+    regional = RegionalCompile(lm, list(lm.layers))
     x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(0))
     positions = torch.zeros(3, 1, 1, dtype=torch.long)
     try:

@@ -379,7 +379,9 @@ class FastDecoding:
         self.spec = path if isinstance(path, PathSpec) else PATHS[path]
         self.decoders: OrderedDict[tuple[int, int], StaticDecoder] = OrderedDict()
         # Compiled once per process and adapter, shared by every decoder (knob changes recompile by guard).
-        self.regional = RegionalCompile(adapter) if self.spec.regional else None
+        self.regional = (
+            RegionalCompile(adapter.text_model(), adapter._original_layers) if self.spec.regional else None
+        )
         self.fused_modules = (
             FusedModules(
                 adapter._original_layers,
@@ -657,13 +659,15 @@ class PrefillGraph:
 
 class RegionalCompile:
     """`torch.compile` of the pieces every decoder block shares: the RMSNorms, each block's MLP (router +
-    experts) and the rotary embedding function, enabled only around decode steps (ported from the benchmark).
+    experts) and the rotary embedding function, enabled only around decode steps (the benchmark's regional
+    paths use it too).
 
     Parameters are graph inputs, so one compiled graph per shape and top-k serves every block, unlike compiling
     the whole step, which bakes in the block list. Switched on by setting each module's `_compiled_call_impl`
-    (what `nn.Module.compile` does) and the modeling module's `apply_rotary_pos_emb`."""
+    (what `nn.Module.compile` does) and the modeling module's `apply_rotary_pos_emb`. `text`: the language
+    model (its RMSNorms); `layers`: all its decoder blocks, skipped ones included (their MLPs)."""
 
-    def __init__(self, adapter: ModelAdapter) -> None:
+    def __init__(self, text: torch.nn.Module, layers: list[torch.nn.Module]) -> None:
         import sys
 
         from torch import _dynamo
@@ -671,12 +675,9 @@ class RegionalCompile:
         # One entry per (module class, shape, top-k); the default limit (8) would fall back to eager code
         # after a few top-k values in one process.
         _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
-        text = adapter.text_model()
         self.modules = [m for m in text.modules() if type(m).__name__.endswith("RMSNorm")]
-        self.modules += [layer.mlp for layer in adapter._original_layers if hasattr(layer, "mlp")]
-        attention = next(
-            (layer.self_attn for layer in adapter._original_layers if hasattr(layer, "self_attn")), None
-        )
+        self.modules += [layer.mlp for layer in layers if hasattr(layer, "mlp")]
+        attention = next((layer.self_attn for layer in layers if hasattr(layer, "self_attn")), None)
         self.modeling = sys.modules[type(attention).__module__] if attention is not None else None
         self.rope = getattr(self.modeling, "apply_rotary_pos_emb", None)
         self.rope_compiled: Any = None
