@@ -78,6 +78,12 @@ def test_overhead_ratio_is_the_formula(run):
         ratio = (c["setting_change_s"] + c["warmup_s"]) / gpu_s
         assert c["overhead_ratio"] == pytest.approx(ratio, rel=1e-3)
         assert c["load_per_cell_ratio"] == pytest.approx(per_cell / gpu_s, rel=1e-3)
+        # as a job of its own (SLURM): a full load, the process's first setting change, this cell's warm-up
+        first_change = result["cells"][0]["setting_change_s"]
+        job_s = result["load"]["full_load_s_estimate"] + first_change + c["warmup_s"]
+        assert c["slurm_overhead_ratio"] == pytest.approx(job_s / gpu_s, rel=1e-3)
+    ratios = [c["slurm_overhead_ratio"] for c in result["cells"]]
+    assert result["summary"]["max_slurm_overhead_ratio"] == pytest.approx(max(ratios))
 
 
 def test_repeatability_recomputed_from_the_passes(run):
