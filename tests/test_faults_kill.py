@@ -123,9 +123,10 @@ def planned(workdir: Path) -> set[tuple[str, str]]:
 def samples_done(log: Path, offset: int) -> int:
     """Samples the killed cell reports done in its log after `offset` (the log of an earlier attempt may
     still be there: Snakemake appends to it)."""
-    if not log.exists():
+    try:
+        text = log.read_text()
+    except FileNotFoundError:  # not written yet, or removed by Snakemake as the job (re)starts: polled again
         return 0
-    text = log.read_text()
     text = text[offset:] if len(text) >= offset else text
     done = re.findall(rf"qa {KILLED}: (\d+)/{N_EVAL} samples", text)
     return int(done[-1]) if done else 0
@@ -147,7 +148,10 @@ def cell_job_processes(process: subprocess.Popen) -> list[psutil.Process]:
 def wait_mid_samples(process: subprocess.Popen, workdir: Path) -> int:
     """Block until the killed cell has done some but not all of its samples; return how many."""
     log = workdir / "logs" / "tiny" / "cells" / "qa" / f"{KILLED}.log"
-    offset = len(log.read_text()) if log.exists() else 0
+    try:
+        offset = len(log.read_text())
+    except FileNotFoundError:
+        offset = 0
     deadline = time.monotonic() + 500
     while time.monotonic() < deadline:
         done = samples_done(log, offset)
