@@ -760,9 +760,9 @@ class FusedModules:
         # The blocks' norms and the language model's final norm (`final_norm`), in decode steps and prefills:
         # with them every piece of a Qwen3 decode step has a Triton forward, and nothing is left for
         # `RegionalCompile` (whose compilation was most of a worker's first knob change).
-        candidates = [m for layer in layers for m in layer.modules()] + [final_norm] * (
-            final_norm is not None
-        )
+        candidates = [m for layer in layers for m in layer.modules()]
+        if final_norm is not None:
+            candidates.append(final_norm)
         norms = [m for m in candidates if rms_norm.fusable_norm(m) and free(m)]
         self.forwards += [(norm, rms_norm, "rms_norm_forward", "rms_norm_forward") for norm in norms]
 
