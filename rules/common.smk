@@ -2,6 +2,7 @@
 # reruns, input functions and the final target.
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -249,6 +250,13 @@ def dense_spec():
 
 # ---------------------------------------------------------------------------------------------------
 # Model worker
+
+
+# Jobs in the run's own SLURM allocation share its worker; jobs the SLURM executor submits (each its own
+# allocation) do not (knobsweep.worker.job_has_own_allocation). Set once, by the run's first Snakemake process.
+os.environ.setdefault(
+    ks_worker.RUN_ALLOCATION_VARIABLE, os.environ.get("SLURM_JOB_ID", "")
+)
 
 
 def shutdown_model_workers():

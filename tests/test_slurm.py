@@ -11,6 +11,7 @@ must equal a local run's (timings aside), and slurmctld's own job records must s
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -25,6 +26,7 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import SLURM_SHIM_DIR
+from knobsweep.io import read_parquet_metadata
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_SCRIPTS = REPO / "tests" / "slurm"
@@ -414,3 +416,145 @@ def test_results_equal_a_local_run(slurm_runs, local_run):
         for r in (on_slurm, local)
     ]
     assert quality[0] == quality[1] and len(quality[0]) == len(WORKLOADS) * len(CELL_IDS)
+
+
+# --- the whole sweep in one allocation (slow) ---------------------------------------------------------
+
+SWEEP_SCRIPT = REPO / "profiles" / "slurm" / "sweep_in_one_allocation.sbatch"
+
+
+def submit_sweep(workdir: Path) -> str:
+    """sbatch the one-allocation script for the tiny run (limits the CI machine can give); returns the job id."""
+    result = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            f"--chdir={workdir}",
+            f"--mem={CI_MEM_MB}",
+            "--cpus-per-task=2",
+            "--time=30",
+            f"--output={workdir}/sweep-%j.log",
+            str(SWEEP_SCRIPT),
+            *snakemake_cmd(workdir)[3:],  # -s <Snakefile> -d <workdir> --configfile <tiny>
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+        env=run_env(),
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().split(";")[0]
+
+
+def wait_for_job_end(job_id: str, deadline: float) -> None:
+    while scheduler("squeue", "-h", "-j", job_id, "-o", "%T").strip():
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", job_id], check=False, timeout=30)
+            pytest.fail(f"SLURM job {job_id} did not end in time")
+        time.sleep(0.5)
+
+
+def batch_shell_pid(job_id: str) -> int:
+    """The PID of a running job's batch shell (this single-node cluster runs it on this machine)."""
+    for line in scheduler("scontrol", "listpids", job_id).splitlines()[1:]:
+        pid, _job, step = line.split()[:3]
+        if step == "batch" and pid.isdigit():
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if any(part.endswith(b"snakemake") for part in command):
+                return int(pid)
+    pytest.fail(f"no Snakemake batch shell found for job {job_id}")
+
+
+def worker_logs(workdir: Path) -> set[Path]:
+    return set((workdir / "logs" / TINY["run"]).glob("model_worker_*.log"))
+
+
+def cell_shards(workdir: Path) -> dict[Path, tuple[int, int]]:
+    """{shard: (inode, mtime_ns)} of the cells finished so far."""
+    shards = (workdir / RESULTS / "cells").glob("*/*.parquet")
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in shards}
+
+
+@pytest.fixture(scope="module")
+def allocation_runs(cluster, local_run_started, tmp_path_factory) -> dict:
+    """The sweep script twice: the first allocation interrupted once two cells are done, as the script's
+    `--signal=B:INT@120` does before the time limit; the second resuming."""
+    workdir = tmp_path_factory.mktemp("allocation")
+    deadline = time.monotonic() + 2 * RUN_TIMEOUT_S
+    first = submit_sweep(workdir)
+    # Two shards: the first is then certainly recorded as complete (one GPU job at a time, so the second
+    # cell started after Snakemake had finished the first). A tiny cell takes ~1 s: others remain.
+    while len(cell_shards(workdir)) < 2:
+        if time.monotonic() > deadline or not scheduler("squeue", "-h", "-j", first, "-o", "%T").strip():
+            subprocess.run(["scancel", first], check=False, timeout=30)
+            pytest.fail(
+                f"two cells did not finish in the first allocation; its log:\n{_read(workdir, first)}"
+            )
+        time.sleep(0.05)
+    # SIGINT to the batch shell alone (Snakemake, exec'd by the script), as `--signal=B:INT` sends it. Sent
+    # directly: with this cluster's proctrack/linuxproc, `scancel --batch` signals the shell's children too.
+    os.kill(batch_shell_pid(first), signal.SIGINT)
+    wait_for_job_end(first, deadline)
+    after_first = {
+        "shards": cell_shards(workdir),
+        "incomplete": incomplete_outputs(workdir),
+        "logs": worker_logs(workdir),
+        "locks": list((workdir / ".snakemake" / "locks").glob("*")),
+        "output": _read(workdir, first),
+    }
+    second = submit_sweep(workdir)
+    wait_for_job_end(second, deadline)
+    return {"workdir": workdir, "first": after_first, "second_output": _read(workdir, second)}
+
+
+def incomplete_outputs(workdir: Path) -> set[Path]:
+    """Outputs Snakemake marked incomplete (a job interrupted before Snakemake recorded it finished)."""
+    markers = (workdir / ".snakemake" / "incomplete").glob("*")
+    return {workdir / base64.urlsafe_b64decode(m.name).decode() for m in markers}
+
+
+def _read(workdir: Path, job_id: str) -> str:
+    path = workdir / f"sweep-{job_id}.log"
+    return path.read_text() if path.exists() else ""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(END_TO_END_TIMEOUT_S)
+@needs_root_and_apt
+def test_sweep_in_one_allocation_loads_the_model_once_and_resumes(allocation_runs, local_run):
+    workdir, first = allocation_runs["workdir"], allocation_runs["first"]
+    all_cells = len(WORKLOADS) * len(CELL_IDS)
+    # The interrupted allocation: Snakemake stopped the running job and released its lock.
+    assert "Terminating processes on user request" in first["output"], first["output"][-3000:]
+    assert first["locks"] == [], first["locks"]
+    kept = {p: stat for p, stat in first["shards"].items() if p not in first["incomplete"]}
+    assert 1 <= len(kept) < all_cells, (sorted(first["shards"]), sorted(first["incomplete"]))
+    # One model worker per allocation, loaded once, serving every GPU job there.
+    assert len(first["logs"]) == 1
+    first_log = next(iter(first["logs"])).read_text()
+    assert first_log.count("listening on") == 1, first_log
+    assert len(re.findall(r"model reused", first_log)) >= 2  # an importance run and two cells at least
+    second_output = allocation_runs["second_output"]
+    assert re.search(r"\d+ of \d+ steps \(100%\) done", second_output), second_output[-3000:]
+    new_logs = worker_logs(workdir) - first["logs"]
+    assert len(new_logs) == 1
+    assert next(iter(new_logs)).read_text().count("listening on") == 1
+    # The resumed allocation kept the finished shards untouched and computed the rest, with one load.
+    shards = cell_shards(workdir)
+    assert len(shards) == all_cells
+    assert all(shards[p] == stat for p, stat in kept.items())
+    new_cells = [p for p in shards if p not in kept]
+    loads = [not read_parquet_metadata(p)["overhead_s"]["model_reused"] for p in new_cells]
+    assert sum(loads) <= 1, loads
+    # Same results as the local run.
+    for workload in WORKLOADS:
+        for cell_id in CELL_IDS:
+            frames = [
+                pd.read_parquet(r / RESULTS / "scored" / workload / f"{cell_id}.parquet")[COMPARED]
+                .sort_values("sample_id")
+                .reset_index(drop=True)
+                .assign(kept_blocks=lambda f: f["kept_blocks"].map(list))
+                for r in (workdir, local_run)
+            ]
+            pd.testing.assert_frame_equal(*frames, obj=f"{workload}/{cell_id}")

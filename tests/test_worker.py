@@ -411,11 +411,43 @@ def test_idle_timeout_and_shutdown_leave_no_process(inputs, workdir, tmp_path, m
     assert worker.shutdown_workers(workdir) == 0
 
 
+def test_job_has_own_allocation_only_when_the_run_lives_elsewhere(monkeypatch):
+    cases = [  # (SLURM_JOB_ID of the job, the run's allocation as the Snakefile recorded it, expected)
+        (None, None, False),  # no SLURM
+        (None, "", False),
+        ("4242", "", True),  # the SLURM executor: the run on a login node, the job in its own allocation
+        ("4242", None, True),  # not started by the Snakefile: assume the worst
+        ("4242", "4241", True),  # the run in one allocation, the job submitted into another
+        ("4242", "4242", False),  # the run inside the job's allocation (sbatch/salloc/srun): share
+    ]
+    for job, run, expected in cases:
+        for name, value in (("SLURM_JOB_ID", job), (worker.RUN_ALLOCATION_VARIABLE, run)):
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
+        assert worker.job_has_own_allocation() is expected, (job, run)
+
+
+def test_in_the_runs_own_allocation_cells_share_one_worker(inputs, reference, workdir, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv(worker.RUN_ALLOCATION_VARIABLE, "4242")
+    first = run_cell(inputs, CELL_A, workdir / "a.parquet", idle_s=600)
+    pid = only_worker(workdir)["pid"]
+    second = run_cell(inputs, CELL_B, workdir / "b.parquet", idle_s=600)
+    assert [first["overhead_s"]["model_reused"], second["overhead_s"]["model_reused"]] == [False, True]
+    assert only_worker(workdir)["pid"] == pid  # still serving, until the run's end shuts it down
+    assert_same_rows(workdir / "a.parquet", reference["vt16_k1_b4"])
+    assert worker.shutdown_workers(workdir) == 1
+    assert wait_gone(pid, 10)
+
+
 def test_under_slurm_each_job_has_its_own_worker_and_it_exits_with_the_job(
     inputs, reference, workdir, monkeypatch
 ):
     key = worker.model_key(inputs["model"], DEVICE, SPEC["runtime"])
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv(worker.RUN_ALLOCATION_VARIABLE, "")  # the run on a login node, the job in its own
     assert worker.model_key(inputs["model"], DEVICE, SPEC["runtime"]) != key  # not another job's worker
     provenance = run_cell(inputs, CELL_A, workdir / "a.parquet")
     assert provenance["overhead_s"]["model_reused"] is False

@@ -60,9 +60,20 @@ START_TIMEOUT_S = 120.0  # the worker binds its socket before importing torch: t
 CONNECT_ATTEMPTS = 3  # a request the worker never acknowledged (it was idling out just then) is resent
 LOG_TAIL_CHARS = 3000
 # Environment that decides which devices a process may use: a job with other values needs its own worker.
-# SLURM_JOB_ID: under SLURM every job is its own allocation, so each job gets its own worker, which
-# exits right after the job's request (it would outlive the job on a cluster without cgroup tracking).
+# SLURM_JOB_ID: jobs in different allocations never share a worker.
 DEVICE_ENVIRONMENT = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "SLURM_JOB_ID")
+# The SLURM allocation the Snakemake run itself lives in ("" for none), set by the Snakefile when the run
+# starts and inherited by its jobs (the SLURM executor submits with --export=ALL). See `job_has_own_allocation`.
+RUN_ALLOCATION_VARIABLE = "KNOBSWEEP_RUN_SLURM_JOB_ID"
+
+
+def job_has_own_allocation() -> bool:
+    """True when this job runs in a SLURM allocation that the run does not live in (the SLURM executor:
+    one allocation per job). Its worker can serve no other job, and would outlive the job on a cluster
+    without cgroup process tracking, so it exits after the request. A run started inside an allocation
+    (sbatch, salloc, srun) keeps one worker for all its jobs there: one model load for the whole sweep."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return bool(job) and os.environ.get(RUN_ALLOCATION_VARIABLE) != job
 
 
 # --- names and keys -----------------------------------------------------------------------------------
@@ -289,7 +300,7 @@ def request(
                     _, name, level, text = message
                     logging.getLogger(name).log(level, "[model worker] %s", text)
                 elif kind == "result":
-                    if os.environ.get("SLURM_JOB_ID"):  # this worker serves no other job: let it go
+                    if job_has_own_allocation():  # this worker serves no other job: let it go
                         paths = WorkerPaths(worker_name(os.getcwd(), key), SOCKET_DIR)
                         _send(paths, ("shutdown", str(Path.cwd().resolve())), {})
                     return message[1]
