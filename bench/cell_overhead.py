@@ -60,6 +60,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import torch
@@ -308,6 +309,32 @@ def profile_rows(profile: cProfile.Profile, total_s: float) -> list[dict]:
     return rows[:PROFILE_TOP]
 
 
+class GcPauses:
+    """Milliseconds Python's garbage collector ran, and full (generation 2) collections, since `reset()`
+    (`gc.callbacks`): whether collections land inside timed requests (on an H200, session 9: at most 0.1 ms
+    per request and no full collection; they do not explain the P95 spread)."""
+
+    def __init__(self) -> None:
+        self.ms, self.full_collections, self._start = 0.0, 0, 0.0
+
+    def __enter__(self) -> Self:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def reset(self) -> None:
+        self.ms, self.full_collections = 0.0, 0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.ms += (time.perf_counter() - self._start) * 1000.0
+            self.full_collections += info["generation"] == 2
+
+
 def run_cell(adapter, setting: dict, kind: str, args, real: dict, img, device: str) -> dict:
     """One cell as the workflow's worker runs it: configure, first request, warm-up, timed requests, reset."""
     max_new = QA_MAX_NEW_TOKENS if kind == "qa" else real["max_new_tokens_config"]["captioning"]
@@ -349,15 +376,19 @@ def run_cell(adapter, setting: dict, kind: str, args, real: dict, img, device: s
         sync(device)
         row["warmup_s"] = time.monotonic() - t0
         n = args.n if kind == "qa" else args.n_captioning
-        totals, walls, tokens, stages = [], [], [], []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            r = request()
-            sync(device)
-            walls.append((time.perf_counter() - t0) * 1e3)
-            totals.append(r.timings_ms["total"])
-            tokens.append(r.output_tokens)
-            stages.append(r.timings_ms)
+        totals, walls, tokens, stages, gc_ms, gc_full = [], [], [], [], [], []
+        with GcPauses() as pauses:
+            for _ in range(n):
+                pauses.reset()
+                t0 = time.perf_counter()
+                r = request()
+                sync(device)
+                walls.append((time.perf_counter() - t0) * 1e3)
+                totals.append(r.timings_ms["total"])
+                tokens.append(r.output_tokens)
+                stages.append(r.timings_ms)
+                gc_ms.append(pauses.ms)
+                gc_full.append(pauses.full_collections)
         steps = [t["decode"] / (k - 1) for t, k in zip(stages, tokens, strict=True) if k > 1]
         row.update(
             {
@@ -375,6 +406,9 @@ def run_cell(adapter, setting: dict, kind: str, args, real: dict, img, device: s
                     for stage in ("preprocess", "vision", "prefill", "decode", "ttft")
                 },
                 "decode_step_ms_median": float(np.median(steps)) if steps else None,
+                # Python's garbage collector inside each timed request (wall ms, full collections).
+                "gc_ms": [round(x, 3) for x in gc_ms],
+                "gc_full_collections": gc_full,
             }
         )
         n_eval = real["n_eval"][kind]
@@ -697,7 +731,9 @@ def main(argv: list[str] | None = None) -> dict:
                         log(
                             f"pass {pass_} {s['name']} {kind}: median {row['total']['median']:.1f} ms, "
                             f"P95 {row['total']['p95']:.1f}, change {row['setting_change_s']:.2f} s, "
-                            f"warm-up {row['warmup_s']:.2f} s, overhead {100 * row['overhead_ratio']:.2f}%"
+                            f"warm-up {row['warmup_s']:.2f} s, overhead {100 * row['overhead_ratio']:.2f}%, "
+                            f"GC in requests: max {max(row['gc_ms']):.1f} ms, "
+                            f"{sum(row['gc_full_collections'])} full collections"
                         )
                     save()
         del adapter

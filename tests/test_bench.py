@@ -339,3 +339,23 @@ def test_regional_compile_is_shared_by_all_blocks_and_exact(tiny_fp32):
     # fp32 summation order only (inductor reorders the norms' reductions): ~1e-6 on outputs of order 1.
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_again, got, rtol=0, atol=0)
+
+
+def test_preprocess_benchmark_on_cpu(tmp_path):
+    """bench/preprocess.py end to end on CPU: both ways of resizing, both passes, each part timed inside the
+    stage, and the resizes' pixels compared (on CPU torchvision's uint8 path is within 2 levels of PIL's)."""
+    from bench.preprocess import main as preprocess_main
+
+    out = tmp_path / "pre.json"
+    result = preprocess_main(
+        ["--device", "cpu", "--n", "2", "--warmup", "0", "--vision-tokens", "64", "--out", str(out)]
+    )
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+    assert {(r["pass"], r["how"]) for r in result["rows"]} == {
+        (p, h) for p in (1, 2) for h in ("host_resize", "device_resize")
+    }
+    for row in result["rows"]:
+        parts = sum(row[k]["mean"] for k in ("resize", "prompt", "processor", "checks_and_copy"))
+        assert parts <= row["stage"]["mean"] * 1.01 + 0.05  # the parts are inside the stage's clock
+    assert len(result["repeatability"]) == 2
+    assert all(d["max_abs"] <= 2 for d in result["pixel_difference"]["64"])

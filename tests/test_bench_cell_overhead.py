@@ -3,6 +3,7 @@ numbers (overhead ratio, repeatability, monotonicity pairs) recomputed from the 
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.cell_overhead import main, monotonicity, parse_setting
+from bench.cell_overhead import GcPauses, main, monotonicity, parse_setting
 
 SETTINGS = ["vt16_k2_b2", "vt16_k2_b4", "vt36_k2_b4"]
 
@@ -157,3 +158,30 @@ def test_profiled_setting_changes_say_where_their_time_goes(tmp_path):
     # without the flag, nothing is profiled
     plain = main([*args, "--settings", SETTINGS[0]])
     assert all("setting_change_profile" not in cell for cell in plain["cells"])
+
+
+class _Cycle:
+    def __init__(self):
+        self.me = self
+
+
+def test_gc_pauses_counts_collections_inside_the_block_only():
+    callbacks = list(gc.callbacks)
+    with GcPauses() as pauses:
+        cycles = [_Cycle() for _ in range(1000)]
+        del cycles
+        gc.collect()
+        assert pauses.full_collections == 1 and pauses.ms > 0
+        pauses.reset()
+        assert (pauses.ms, pauses.full_collections) == (0.0, 0)
+        gc.collect(0)
+        assert pauses.full_collections == 0 and pauses.ms > 0
+    assert gc.callbacks == callbacks
+    gc.collect()
+    assert pauses.full_collections == 0
+
+
+def test_cells_record_gc_inside_requests(run):
+    result, _ = run
+    for cell in (c for c in result["cells"] if "error" not in c and "skipped" not in c):
+        assert len(cell["gc_ms"]) == len(cell["gc_full_collections"]) == cell["n"]

@@ -548,3 +548,18 @@ def test_regional_compile_path_gives_the_plain_paths_tokens(tiny_checkpoints, fa
     else:  # the pieces without a fused forward here (on CPU: the MoE blocks, rope), one graph for all 6 blocks
         assert counters["stats"]["calls_captured"] > 0, "nothing was compiled"
         assert counters["stats"]["unique_graphs"] <= 8
+
+
+def test_compile_on_first_call_builds_nothing_until_called():
+    """`RegionalCompile`'s wrappers import torch._dynamo and compile only when called: a path whose decode
+    pieces all have fused forwards pays nothing for them (checked on CUDA by the regional test above)."""
+    from knobsweep.models.fast_path import CompileOnFirstCall
+
+    def scaled_sine(x):
+        return torch.sin(x) * 2
+
+    lazy = CompileOnFirstCall(scaled_sine)
+    assert lazy.compiled is None
+    x = torch.randn(8)
+    torch.testing.assert_close(lazy(x), scaled_sine(x))
+    assert lazy.compiled is not None

@@ -74,9 +74,31 @@ def test_generate_reports_actual_vision_tokens(tiny_adapters, family):
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_device_resize_gives_the_host_resize_within_rounding(tiny_adapters, family):
+    """`resize_on_device` (torchvision, run on the model's device) against PIL's `resize_for_tokens`: same
+    size and orientation, pixels within rounding. On CUDA torchvision resizes in float without PIL's rounding
+    and clipping between the horizontal and vertical passes: ~20 % of pixels differ by a level when
+    upscaling, a few by up to ~16 at sharp edges (ringing); a misplaced pixel grid differs by tens of levels
+    on average. Here on the test device, whatever it is."""
+    import numpy as np
+
+    adapter = tiny_adapters[family]
+    for width, height in [(160, 90), (90, 160)]:
+        image = make_image(width, height, seed=width)
+        host = np.asarray(adapter.resize_for_tokens(image, 64)).astype(int)
+        on_device = adapter.resize_on_device(image, 64)
+        assert on_device.dtype.is_floating_point is False and on_device.device.type == adapter.device.type
+        on_device = on_device.permute(1, 2, 0).cpu().numpy().astype(int)
+        assert on_device.shape == host.shape
+        difference = np.abs(on_device - host)
+        assert difference.mean() <= 0.5
+        assert np.quantile(difference, 0.99) <= 2
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_images_are_processed_on_the_models_device(tiny_adapters, family):
-    """On CUDA the image processor runs on the GPU (steadier, faster preprocessing) and gives the host's
-    pixel values; on the CPU nothing changes."""
+    """On CUDA the image is resized and processed on the GPU (steadier, faster preprocessing): the same
+    tokens as on the host, pixel values within the resizes' rounding; on the CPU nothing changes."""
     from unittest import mock
 
     import torch
@@ -85,11 +107,20 @@ def test_images_are_processed_on_the_models_device(tiny_adapters, family):
     image = make_image(640, 480, seed=3)
     if TEST_DEVICE != "cuda":
         assert adapter.image_processor_kwargs() == {}
+        with mock.patch.object(type(adapter), "resize_on_device", side_effect=AssertionError("on the CPU")):
+            adapter.prepare_inputs([image], ["What is shown?"], 64)
         return
     assert adapter.image_processor_kwargs() == {"device": str(adapter.device)}
-    on_device = adapter.prepare_inputs([image], ["What is shown?"], 64)
+    with mock.patch.object(type(adapter), "resize_for_tokens", side_effect=AssertionError("resized on host")):
+        on_device = adapter.prepare_inputs([image], ["What is shown?"], 64)
     with mock.patch.object(type(adapter), "image_processor_kwargs", return_value={}):
         on_host = adapter.prepare_inputs([image], ["What is shown?"], 64)
     assert on_device["pixel_values"].device.type == "cuda"
     assert torch.equal(on_device["input_ids"].cpu(), on_host["input_ids"])
-    torch.testing.assert_close(on_device["pixel_values"].cpu(), on_host["pixel_values"], rtol=1e-5, atol=1e-5)
+    assert adapter.vision_tokens_of(on_device) == adapter.vision_tokens_of(on_host)
+    # Within the resizes' rounding (see above), in levels of 255 after the processor's normalisation.
+    std = adapter.processor.image_processor.image_std
+    level = 1 / 255 / min(std if isinstance(std, (list, tuple)) else [std])
+    difference = (on_device["pixel_values"].cpu().float() - on_host["pixel_values"].float()).abs()
+    assert difference.mean() <= 0.5 * level
+    assert torch.quantile(difference.flatten()[:1_000_000], 0.99) <= 2 * level + 1e-4

@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 # 6: their prefill's experts run as Triton grouped GEMMs (`fused_moe.grouped_projection`, the gate in the
 #    gate/up GEMM's epilogue) on pairs put in expert order by Triton kernels (`expert_order`); their decode
 #    steps' RMSNorms are Triton kernels too (`rms_norm`, transformers' rounding), not compiled ones.
-INFERENCE_CODE_VERSION = "6"
+# 7: on CUDA the image is resized on the GPU (`resize_on_device`, torchvision), not by PIL on the host.
+INFERENCE_CODE_VERSION = "7"
 
 SHARD_COLUMNS = (
     "workload",

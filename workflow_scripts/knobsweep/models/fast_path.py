@@ -657,6 +657,25 @@ class PrefillGraph:
         return BaseModelOutputWithPast(last_hidden_state=hidden[:, :length])
 
 
+class CompileOnFirstCall:
+    """`torch.compile(fn, dynamic=False)`, built at the first call. Building it imports torch._dynamo and
+    inductor (3 s on a warm CPU, more on a fresh machine: part of a worker's first knob change), which a path
+    whose decode pieces all have fused forwards (the Qwen3 families on CUDA) never calls."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn, self.compiled = fn, None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.compiled is None:
+            from torch import _dynamo
+
+            # One entry per (module class, shape, top-k); the default limit (8) would fall back to eager code
+            # after a few top-k values in one process.
+            _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
+            self.compiled = torch.compile(self.fn, dynamic=False)
+        return self.compiled(*args, **kwargs)
+
+
 class RegionalCompile:
     """`torch.compile` of the pieces every decoder block shares: the RMSNorms, each block's MLP (router +
     experts) and the rotary embedding function, enabled only around decode steps (the benchmark's regional
@@ -670,18 +689,13 @@ class RegionalCompile:
     def __init__(self, text: torch.nn.Module, layers: list[torch.nn.Module]) -> None:
         import sys
 
-        from torch import _dynamo
-
-        # One entry per (module class, shape, top-k); the default limit (8) would fall back to eager code
-        # after a few top-k values in one process.
-        _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
         self.modules = [m for m in text.modules() if type(m).__name__.endswith("RMSNorm")]
         self.modules += [layer.mlp for layer in layers if hasattr(layer, "mlp")]
         attention = next((layer.self_attn for layer in layers if hasattr(layer, "self_attn")), None)
         self.modeling = sys.modules[type(attention).__module__] if attention is not None else None
         self.rope = getattr(self.modeling, "apply_rotary_pos_emb", None)
-        self.rope_compiled: Any = None
-        self.compiled: dict[int, Any] = {}
+        self.rope_compiled: CompileOnFirstCall | None = None
+        self.compiled: dict[int, CompileOnFirstCall] = {}
 
     def enable(self, skip: set[int] = frozenset()) -> None:
         """Compiled calls for the modules, except those whose id is in `skip` (they have a fused forward: a
@@ -690,11 +704,11 @@ class RegionalCompile:
             if id(m) in skip:
                 continue
             if id(m) not in self.compiled:
-                self.compiled[id(m)] = torch.compile(m._call_impl, dynamic=False)
+                self.compiled[id(m)] = CompileOnFirstCall(m._call_impl)
             m._compiled_call_impl = self.compiled[id(m)]
         if self.rope is not None:
             if self.rope_compiled is None:
-                self.rope_compiled = torch.compile(self.rope, dynamic=False)
+                self.rope_compiled = CompileOnFirstCall(self.rope)
             self.modeling.apply_rotary_pos_emb = self.rope_compiled
 
     def disable(self) -> None:

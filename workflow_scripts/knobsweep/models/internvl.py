@@ -78,10 +78,10 @@ class InternVLMoeAdapter(ModelAdapter):
         tiles = rows * cols
         return self.tokens_per_tile() * (tiles + (1 if tiles > 1 else 0))
 
-    def resize_for_tokens(self, image: Image.Image, vision_tokens: int) -> Image.Image:
+    def resized_size(self, image: Image.Image, vision_tokens: int) -> tuple[int, int]:
         rows, cols = self.planned_grid(image, vision_tokens)
         side = self.tile_pixels()
-        return image.convert("RGB").resize((cols * side, rows * side), Image.Resampling.BICUBIC)
+        return cols * side, rows * side
 
     def vision_tokens_of(self, inputs: Any) -> list[int]:
         return (inputs["input_ids"] == self.model.config.image_token_id).sum(dim=1).tolist()
@@ -100,7 +100,7 @@ class InternVLMoeAdapter(ModelAdapter):
             tiles = grid[0] * grid[1]
             rows.append(
                 self.processor(
-                    images=[self.resize_for_tokens(image, vision_tokens)],
+                    images=self.images_for_processor([image], vision_tokens),
                     text=[self.chat_prompt(prompt)],
                     return_tensors="pt",
                     images_kwargs={
