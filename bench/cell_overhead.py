@@ -20,7 +20,7 @@ Parts, each in its own try block; the JSON is rewritten (tmp file + os.replace) 
   CUDA-event `total` and of the wall time; setting-change and warm-up wall s; overhead = setting change +
   warm-up; cell GPU time = n_eval x mean total; overhead ratio = overhead / cell GPU time (target <= 10 %).
 - repeatability: |P95 pass 2 - P95 pass 1| / P95 pass 1 per setting and workload (target <= 3 %), same for
-  the median.
+  the median, and each stage's P95 difference in ms (which stage moved).
 - `--profile-changes`: each setting change under cProfile, its functions that took >= 1 % of it by cumulative
   time in the cell's `setting_change_profile` (Triton compilation, graph captures, first-use initialisation:
   where a worker's first cells spend their seconds; the profiler slows Python code, so compare the split, not
@@ -405,6 +405,10 @@ def run_cell(adapter, setting: dict, kind: str, args, real: dict, img, device: s
                     stage: float(np.median([t[stage] for t in stages]))
                     for stage in ("preprocess", "vision", "prefill", "decode", "ttft")
                 },
+                "stage_p95_ms": {
+                    stage: float(np.percentile([t[stage] for t in stages], 95))
+                    for stage in ("preprocess", "vision", "prefill", "decode")
+                },
                 "decode_step_ms_median": float(np.median(steps)) if steps else None,
                 # Python's garbage collector inside each timed request (wall ms, full collections).
                 "gc_ms": [round(x, 3) for x in gc_ms],
@@ -452,6 +456,12 @@ def repeatability(cells: list[dict]) -> list[dict]:
                 "median_pass1_ms": a["median"],
                 "median_pass2_ms": b["median"],
                 "median_rel_diff": abs(b["median"] - a["median"]) / a["median"],
+                # Which stage moved the P95: pass 2 - pass 1, ms per stage.
+                "stage_p95_diff_ms": {
+                    stage: two["stage_p95_ms"][stage] - one["stage_p95_ms"][stage]
+                    for stage in one.get("stage_p95_ms", {})
+                    if stage in two.get("stage_p95_ms", {})
+                },
             }
         )
     for r in rows:
@@ -559,7 +569,9 @@ def print_tables(result: dict) -> None:
         for r in result["repeatability"]:
             print(
                 f"  {r['setting']:<16} {r['kind']:<10} P95 {100 * r['p95_rel_diff']:6.2f}%  "
-                f"median {100 * r['median_rel_diff']:6.2f}%  {'ok' if r['p95_within_target'] else 'OVER'}"
+                f"median {100 * r['median_rel_diff']:6.2f}%  {'ok' if r['p95_within_target'] else 'OVER'}  "
+                + " ".join(f"{k} {v:+.1f}" for k, v in r["stage_p95_diff_ms"].items())
+                + (" (stage P95s, pass 2 - pass 1, ms)" if r["stage_p95_diff_ms"] else "")
             )
     if result.get("monotonicity"):
         print("\nmonotonicity (smaller knob not slower than larger by more than the pass-to-pass noise)")

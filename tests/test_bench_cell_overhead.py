@@ -96,6 +96,14 @@ def test_repeatability_recomputed_from_the_passes(run):
         a, b = p95[(1, r["setting"], r["kind"])], p95[(2, r["setting"], r["kind"])]
         assert r["p95_rel_diff"] == pytest.approx(abs(b - a) / a)
         assert r["p95_within_target"] == (r["p95_rel_diff"] <= 0.03)
+        stages = {
+            c["pass"]: c["stage_p95_ms"]
+            for c in result["cells"]
+            if c["setting"] == r["setting"] and c["kind"] == r["kind"]
+        }
+        assert set(r["stage_p95_diff_ms"]) == {"preprocess", "vision", "prefill", "decode"}
+        for stage, diff in r["stage_p95_diff_ms"].items():
+            assert diff == pytest.approx(stages[2][stage] - stages[1][stage])
     assert result["summary"]["max_p95_rel_diff"] == pytest.approx(max(r["p95_rel_diff"] for r in rows))
 
 
