@@ -3,7 +3,7 @@
 Whole requests repeat worst in their host stages: between two passes of one cell on an H100 host the preprocess
 stage (resize the image to the token budget, render the prompt, run the processor, check the token count, copy
 to the device) moved from 63 to 39 ms median while prefill and decode stayed within 2 %. This script times that
-stage as `BaseVLMAdapter.generate_batch` does (host clock, the device synchronised at both ends) and each of its
+stage as `ModelAdapter.generate_batch` does (host clock, the device synchronised at both ends) and each of its
 parts, `--n` times per vision-token budget, in two passes, for two ways of resizing:
 
 - `host_resize`: `resize_for_tokens` (PIL bicubic resize on the host), then the processor, which on CUDA does
@@ -15,7 +15,7 @@ parts, `--n` times per vision-token budget, in two passes, for two ways of resiz
 It also records how far the two resizes' pixels are apart. The model is irrelevant here (the bench-tiny
 Qwen3-VL-MoE with the tiny processor: patch 16, merge 2, 32 pixels per token, like the real model). Per part:
 median, P95 and the pass-to-pass difference of both. `--profile`: one pass of `host_resize` under cProfile,
-the functions that took >= 2 % of it.
+the functions that took >= 1 % of it (`bench.cell_overhead.profile_rows`).
 
     PYTHONPATH=workflow_scripts python -m bench.preprocess --n 100 --out bench/results/<card>_<date>_preprocess.json
     PYTHONPATH=workflow_scripts python -m bench.preprocess --device cpu --n 3 --out /tmp/pre.json   # smoke test
@@ -32,8 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from knobsweep.timing import synchronize
 
 from bench import keeps_torch_state, run_header, save_json
+from bench.cell_overhead import profile_rows
 from bench.fast_path_check import build_adapter, image
 
 VISION_TOKENS = (1872, 576, 288)
@@ -42,23 +44,18 @@ IMAGE_SIZES = ((640, 480), (480, 640), (640, 427))
 PROMPT = "What is the man holding? Answer the question using a single word or phrase."
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def one_request(adapter, img, vision_tokens: int, how: str) -> dict[str, float]:
     """ms per part of one request's preprocess stage, and `stage`: all of it, timed as generate_batch does."""
     device = adapter.device
     parts: dict[str, float] = {}
 
     def mark(name: str, start: float) -> float:
-        sync(device)
+        synchronize(device)
         now = time.perf_counter()
         parts[name] = (now - start) * 1000.0
         return now
 
-    sync(device)
+    synchronize(device)
     t0 = t = time.perf_counter()
     if how == "host_resize":
         resized = adapter.resize_for_tokens(img, vision_tokens)
@@ -136,27 +133,20 @@ def main(argv: list[str] | None = None) -> dict:
                     + " ".join(f"{k} {row[k]['median']:.2f}" for k in samples[0] if k != "stage"),
                     flush=True,
                 )
-    result["repeatability"] = []
-    for how in ("host_resize", "device_resize"):
-        for vt in args.vision_tokens:
-            a, b = (
-                next(
-                    r
-                    for r in result["rows"]
-                    if r["pass"] == k and r["how"] == how and r["vision_tokens"] == vt
-                )
-                for k in (1, 2)
-            )
-            result["repeatability"].append(
-                {
-                    "how": how,
-                    "vision_tokens": vt,
-                    **{
-                        f"{stat}_pass_difference": abs(b["stage"][stat] - a["stage"][stat]) / a["stage"][stat]
-                        for stat in ("median", "p95")
-                    },
-                }
-            )
+    stage = {(r["pass"], r["how"], r["vision_tokens"]): r["stage"] for r in result["rows"]}
+    result["repeatability"] = [
+        {
+            "how": how,
+            "vision_tokens": vt,
+            **{
+                f"{stat}_pass_difference": abs(stage[2, how, vt][stat] - stage[1, how, vt][stat])
+                / stage[1, how, vt][stat]
+                for stat in ("median", "p95")
+            },
+        }
+        for how in ("host_resize", "device_resize")
+        for vt in args.vision_tokens
+    ]
     if args.profile:
         profile = cProfile.Profile()
         start = time.perf_counter()
@@ -165,18 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
             one_request(adapter, images[i % len(images)], args.vision_tokens[0], "host_resize")
         profile.disable()
         total = time.perf_counter() - start
-        import pstats
-
-        stats = pstats.Stats(profile)
-        rows = []
-        for (file, line, name), (_, calls, _, cumulative, _) in stats.stats.items():
-            if cumulative >= 0.02 * total:
-                rows.append(
-                    {"function": f"{Path(file).name}:{line}({name})", "calls": calls, "cum_s": cumulative}
-                )
-        result["profile"] = {"total_s": total, "rows": sorted(rows, key=lambda r: -r["cum_s"])[:40]}
-        for r in result["profile"]["rows"][:25]:
-            print(f"  {r['cum_s']:7.3f} s {r['calls']:6d}  {r['function']}")
+        result["profile"] = {"total_s": total, "rows": profile_rows(profile, total)}
+        for r in result["profile"]["rows"]:
+            print(f"  {r['cumulative_s']:7.3f} s {r['calls']:6d}  {r['function']}")
     save_json(result, args.out)
     print(json.dumps(result["repeatability"], indent=1))
     return result
