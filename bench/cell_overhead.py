@@ -128,11 +128,23 @@ def real_config(path: Path) -> dict:
         raise ValueError(f"{path}: missing field {e} (need workloads.qa/captioning, grid, inference)") from e
 
 
+def p95_interval(values: list[float], resamples: int = 2000, seed: int = 0) -> list[float]:
+    """95 % bootstrap percentile interval of the P95 of `values` (the requests resampled with replacement): how
+    far the P95 of this many requests could move by chance alone. With 100 requests and a heavy tail (a few slow
+    requests) it spans tens of percent, wider than the 3 % target, which such a sample cannot resolve."""
+    a = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    replicates = np.percentile(rng.choice(a, size=(resamples, a.size)), 95, axis=1)
+    low, high = np.percentile(replicates, [2.5, 97.5])
+    return [float(low), float(high)]
+
+
 def stats(values: list[float]) -> dict:
     a = np.asarray(values, dtype=float)
     return {
         "median": float(np.median(a)),
         "p95": float(np.percentile(a, 95)),
+        "p95_ci95": p95_interval(values),
         "p99": float(np.percentile(a, 99)),
         "mean": float(a.mean()),
         "min": float(a.min()),
@@ -456,6 +468,12 @@ def repeatability(cells: list[dict]) -> list[dict]:
                 "median_pass1_ms": a["median"],
                 "median_pass2_ms": b["median"],
                 "median_rel_diff": abs(b["median"] - a["median"]) / a["median"],
+                # The two P95s' bootstrap intervals overlap: the difference is within their sampling noise.
+                "p95_within_sampling_noise": max(a["p95_ci95"][0], b["p95_ci95"][0])
+                <= min(a["p95_ci95"][1], b["p95_ci95"][1]),
+                "p95_ci95_rel_halfwidth": [
+                    (x["p95_ci95"][1] - x["p95_ci95"][0]) / 2 / x["p95"] for x in (a, b)
+                ],
                 # Which stage moved the P95: pass 2 - pass 1, ms per stage.
                 "stage_p95_diff_ms": {
                     stage: two["stage_p95_ms"][stage] - one["stage_p95_ms"][stage]
@@ -570,6 +588,8 @@ def print_tables(result: dict) -> None:
             print(
                 f"  {r['setting']:<16} {r['kind']:<10} P95 {100 * r['p95_rel_diff']:6.2f}%  "
                 f"median {100 * r['median_rel_diff']:6.2f}%  {'ok' if r['p95_within_target'] else 'OVER'}  "
+                f"(P95 95% CI +-{100 * max(r['p95_ci95_rel_halfwidth']):.0f}%"
+                f"{', overlapping' if r['p95_within_sampling_noise'] else ', apart'})  "
                 + " ".join(f"{k} {v:+.1f}" for k, v in r["stage_p95_diff_ms"].items())
                 + (" (stage P95s, pass 2 - pass 1, ms)" if r["stage_p95_diff_ms"] else "")
             )

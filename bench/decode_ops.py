@@ -169,11 +169,81 @@ def expert_cases(blocks: int, x: torch.Tensor, residual: torch.Tensor) -> dict:
     return cases
 
 
+def folded_cases(x, residual, w_norm, w_qkv, w_router) -> dict:
+    """The kernels that fold a block's norms, router and experts' combine (`decode_block.FOLD_NORMS`) against the
+    kernels they replace, with launch parameters swept: the input norm in the q/k/v GEMV (`qkv_norm_gemv_*`;
+    `qkv_norm_separate`: rms_norm then cuBLAS), the post-attention norm, router logits, softmax and top-k in one
+    kernel (`router_normed_w*`; `router_separate`: rms_norm then `route`'s two kernels), the experts' combine in
+    the down projection at top-k 8 (`down_pair_combine_*`; `down_pair_then_combine`: the two kernels)."""
+    from knobsweep.models import decode_attention, fused_moe, rms_norm
+
+    inter, dev, bf, k = 768, x.device, x.dtype, TOP_K
+    blocks = len(w_qkv)
+    cases: dict[str, Callable[[int], Callable[[], object]]] = {
+        "qkv_norm_separate": lambda i: lambda: F.linear(rms_norm.rms_norm(x, w_norm[i], EPS), w_qkv[i]),
+        "router_separate": lambda i: (
+            lambda: fused_moe.route(rms_norm.rms_norm(x, w_norm[i], EPS), w_router[i], TOP_K, True)
+        ),
+    }
+    for bn, bk, nw in ((4, 1024, 8), (4, 2048, 8), (8, 1024, 8), (8, 2048, 8), (2, 2048, 4), (4, 2048, 4)):
+        cases[f"qkv_norm_gemv_n{bn}_k{bk}_w{nw}"] = lambda i, bn=bn, bk=bk, nw=nw: (
+            lambda: decode_attention.gemv(x, w_qkv[i], None, bn, bk, nw, norm=(w_norm[i], EPS))
+        )
+    for nw in (1, 2, 4, 8):
+        cases[f"router_normed_w{nw}"] = lambda i, nw=nw: (
+            lambda: fused_moe.route_normed(x, w_norm[i], EPS, w_router[i], TOP_K, True, num_warps=nw)
+        )
+    down = [torch.randn(k, HIDDEN, inter, device=dev, dtype=bf) * 0.02 for _ in range(blocks)]
+    ids = torch.arange(k, device=dev).view(1, k)
+    weights = torch.full((1, k), 1.0 / k, device=dev, dtype=bf)
+    act = torch.randn(k, inter, device=dev, dtype=bf)
+    y = torch.empty(k, HIDDEN, device=dev, dtype=bf)
+    out = torch.empty(1, HIDDEN, device=dev, dtype=bf)
+
+    def separate(i: int) -> Callable[[], object]:
+        def run() -> None:
+            fused_moe._down_pair_kernel[(k, triton.cdiv(HIDDEN, 8))](
+                act, down[i], ids, y, HIDDEN, inter, BLOCK_N=8, BLOCK_I=256, num_warps=4
+            )
+            fused_moe._combine(y, None, weights, out, round_product=False, residual=residual)
+
+        return run
+
+    cases["down_pair_then_combine"] = separate
+    for bn, bi, nw in ((8, 256, 4), (16, 256, 4), (8, 512, 4), (16, 512, 8), (32, 256, 8), (4, 1024, 4)):
+        counts = fused_moe.arrival_counts(dev, f"bench_n{bn}", triton.cdiv(HIDDEN, bn))
+
+        def folded(i, bn=bn, bi=bi, nw=nw, counts=counts):
+            return lambda: fused_moe._down_pair_combine_kernel[(k, triton.cdiv(HIDDEN, bn))](
+                act,
+                down[i],
+                ids,
+                weights,
+                y,
+                residual,
+                out,
+                counts,
+                HIDDEN,
+                inter,
+                k,
+                HAS_RESIDUAL=True,
+                BLOCK_N=bn,
+                BLOCK_I=bi,
+                num_warps=nw,
+            )
+
+        cases[f"down_pair_combine_n{bn}_i{bi}_w{nw}"] = folded
+    return cases
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--blocks", type=int, default=48)
     p.add_argument("--reps", type=int, default=50)
+    p.add_argument(
+        "--only", nargs="*", default=(), help="time only the cases whose names start with one of these"
+    )
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
     dev, bf = "cuda", torch.bfloat16
@@ -268,7 +338,10 @@ def main(argv: list[str] | None = None) -> dict:
         ref = F.linear(rmsnorm(x, w_norm[0]), w_qkv[0]).view(-1).float()
         got = rms_gemv(x.view(-1), w_norm[0], w_qkv[0], 8).float()
         results["rms_qkv_triton_rel_err"] = float((got - ref).norm() / ref.norm())
+        cases.update(folded_cases(x, residual, w_norm, w_qkv, w_router))
     for name, make in cases.items():
+        if args.only and not name.startswith(tuple(args.only)):
+            continue
         results[name] = per_op_us(make, L, args.reps)
         print(f"{name:24s} {results[name]:8.2f} us per block", flush=True)
     # Bytes each op must read, for its floor.

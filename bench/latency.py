@@ -23,13 +23,21 @@ Paths (bench/README.md says more):
                            as above, with the knob engine's fused decode attention (q/k/v in one GEMV; q/k
                            norms, rope and cache writes in one kernel) and Triton router
                            (`fast_path.FusedModules`; its `fused_regional_graph` in INFERENCE_CODE_VERSION 4)
-  fused_regional_graph     as above, with whole-block forwards: the residual additions in the output
-                           projection's (a Triton GEMV) and the experts' kernels, the cache length advanced in
-                           the split-KV combine kernel (`decode_block`); its prefill with the graphed-prefill
-                           forwards (prompt attention over the prompt's own slots, Triton norms and router):
-                           the knob engine's `fused_regional_graph`, `auto` on CUDA. Since session 8 the
-                           decode norms of both `FusedModules` paths are Triton kernels (`rms_norm`), so
-                           nothing of theirs is compiled
+  fused_regional_graph_unfolded
+                           as fused_regional_graph_separate_adds, with whole-block forwards: the residual
+                           additions in the output projection's (a Triton GEMV) and the experts' kernels, the
+                           cache length advanced in the split-KV combine kernel (`decode_block`); its prefill
+                           with the graphed-prefill forwards (prompt attention over the prompt's own slots,
+                           Triton norms and router): the knob engine's `fused_regional_graph` in
+                           INFERENCE_CODE_VERSION 5-7 (12 kernels per block)
+  fused_regional_graph_no_pdl
+                           as above, with the blocks' two norms, the router's logits and softmax/top-k and the
+                           experts' combine folded into neighbouring kernels (`decode_block.FOLD_NORMS`: 8
+                           kernels per block)
+  fused_regional_graph     as above, the Triton kernels launched with programmatic dependent launch
+                           (`knobsweep.models.pdl`: each lets the next launch, fetches its weights, then waits
+                           for the previous): the knob engine's `fused_regional_graph`, `auto` on CUDA
+                           (INFERENCE_CODE_VERSION 8). Nothing of the Qwen3 families is compiled
   fused_compiled_graph     (--compiled) the whole decode step through torch.compile, default cell only
 
 Run (GPU):  PYTHONPATH=workflow_scripts python -m bench.latency --out results.json
@@ -39,6 +47,7 @@ Run (CPU smoke test, seconds):  python -m bench.latency --device cpu --tiny --ou
 from __future__ import annotations
 
 import argparse
+import gc
 import inspect
 import json
 import math
@@ -54,6 +63,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from knobsweep.models import decode_block, pdl
 from knobsweep.models.fast_path import FusedModules, RegionalCompile
 from transformers import DynamicCache, StaticCache
 
@@ -100,6 +110,11 @@ class Path_:
     # the prefill with the knob engine's graphed-prefill forwards (`FusedModules.install(prefill=True)`: prompt
     # attention over the prompt's own slots, Triton norms and router); else transformers' modules
     fused_prefill: bool = False
+    # with fused_blocks: the blocks' norms, router and experts' combine folded into neighbouring kernels
+    # (`decode_block.FOLD_NORMS`, 8 kernels per block); False: session 8's 12
+    fold_norms: bool = True
+    # the Triton kernels launched with programmatic dependent launch (`knobsweep.models.pdl`)
+    pdl: bool = False
 
 
 PATHS = {
@@ -131,8 +146,36 @@ PATHS = {
         regional=True,
         fused_forwards=True,
     ),
+    # the whole-block forwards with a kernel each for the norms, the router's logits, its softmax/top-k and the
+    # experts' combine: the knob engine's `fused_regional_graph` in INFERENCE_CODE_VERSION 5-7
+    "fused_regional_graph_unfolded": Path_(
+        "fused_regional_graph_unfolded",
+        fused_moe.NAME,
+        "static",
+        True,
+        gqa_attention.SPLITKV_NAME,
+        regional=True,
+        fused_forwards=True,
+        fused_blocks=True,
+        fused_prefill=True,
+        fold_norms=False,
+    ),
     "fused_regional_graph": Path_(
         "fused_regional_graph",
+        fused_moe.NAME,
+        "static",
+        True,
+        gqa_attention.SPLITKV_NAME,
+        regional=True,
+        fused_forwards=True,
+        fused_blocks=True,
+        fused_prefill=True,
+        pdl=True,
+    ),
+    # the knob engine's kernels launched without programmatic dependent launch (its INFERENCE_CODE_VERSION 8
+    # otherwise)
+    "fused_regional_graph_no_pdl": Path_(
+        "fused_regional_graph_no_pdl",
         fused_moe.NAME,
         "static",
         True,
@@ -278,6 +321,7 @@ class Runner:
     def use(self, path: Path_) -> None:
         self.model.set_experts_implementation(path.experts)
         self.path = path
+        pdl.ENABLED = path.pdl  # the knob engine's default on CUDA; the comparison paths without
 
     def set_attention(self, name: str) -> None:
         self.config.text_config._attn_implementation = name
@@ -397,8 +441,15 @@ class Captured:
         torch.cuda.current_stream().wait_stream(stream)
         self.r.set_static_length(self._start_length())
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._step()
+        # No garbage collection during the capture: destroying an earlier setting's CUDAGraph there invalidates it
+        # (as `knobsweep.models.fast_path.capture_graph` knows; one capture of 45 failed so in a session-10 run).
+        gc.collect()
+        gc.disable()
+        try:
+            with torch.cuda.graph(self.graph):
+                self._step()
+        finally:
+            gc.enable()
 
     def run(self) -> None:
         if self.graph is not None:
@@ -471,9 +522,11 @@ class StaticDecoder(Captured):
             fused.install()
         if regional:
             r.regional.enable(fused.decode_modules() if fused is not None else set())
+        decode_block.FOLD_NORMS = r.path.fold_norms
         try:
             return self.lm_forward()
         finally:
+            decode_block.FOLD_NORMS = True
             if regional:
                 r.regional.disable()
             if fused is not None:
@@ -607,6 +660,42 @@ def measure_setting(
 # ----------------------------------------------------------------------------------------------- checks
 
 
+def folded_kernel_checks(t, gu: torch.Tensor, dn: torch.Tensor, device: str, g: torch.Generator) -> dict:
+    """The kernels whose last program finishes the work (`decode_block.FOLD_NORMS`) against the separate
+    kernels they replace, at the model's shapes, each run 50 times (a missed ordering between the programs would
+    show as a run that differs): mismatching elements (must be 0) and the router weights' relative error."""
+    from knobsweep.models import decode_attention, rms_norm
+    from knobsweep.models import fused_moe as kernels
+
+    e, h = t.num_experts, t.hidden_size
+    out = {}
+    x = torch.randn(1, h, generator=g).to(device, torch.bfloat16) * 4
+    residual = torch.randn(1, h, generator=g).to(device, torch.bfloat16)
+    norm_w = (1 + 0.1 * torch.randn(h, generator=g)).to(device, torch.bfloat16)
+    ids = torch.randperm(e, generator=g)[:8].view(1, 8).to(device)
+    w = torch.softmax(torch.randn(1, 8, generator=g), -1).to(device, torch.bfloat16)
+    expected = kernels.moe_fused(x, gu, dn, ids, w, residual=residual, fold_combine=False)
+    out["combine_folded_mismatches"] = sum(
+        int((kernels.moe_fused(x, gu, dn, ids, w, residual=residual) != expected).sum()) for _ in range(50)
+    )
+    router = (torch.randn(e, h, generator=g) * 0.02).to(device, torch.bfloat16)
+    normed = rms_norm.rms_norm(x, norm_w, 1e-6)
+    _, weights, top = kernels.route(normed, router, 8, True)
+    mismatches, errors = 0, []
+    for _ in range(50):
+        got_normed, got_weights, got_ids = kernels.route_normed(x, norm_w, 1e-6, router, 8, True)
+        mismatches += int((got_normed != normed).sum()) + int((got_ids != top).sum())
+        errors.append(float((got_weights.float() - weights.float()).norm() / weights.float().norm()))
+    out["router_folded_mismatches"] = mismatches
+    out["router_folded_weights_rel_err"] = max(errors)
+    qkv = (torch.randn(5120, h, generator=g) * 0.02).to(device, torch.bfloat16)
+    expected = decode_attention.gemv(normed, qkv)
+    out["qkv_norm_folded_mismatches"] = sum(
+        int((decode_attention.gemv(x, qkv, norm=(norm_w, 1e-6)) != expected).sum()) for _ in range(50)
+    )
+    return out
+
+
 def kernel_checks(config, device: str) -> dict:
     """The Triton kernels against torch references on random inputs of the model's decode shapes (GPU only)."""
     if device != "cuda":
@@ -627,6 +716,7 @@ def kernel_checks(config, device: str) -> dict:
         for split in (False, True):
             a = fused_moe.moe_fused(x, gu, dn, ids, w, split_down=split).float()
             out[f"moe_fused_k{k}_split{split}_rel_err"] = float((a - b).norm() / b.norm())
+    out.update(folded_kernel_checks(t, gu, dn, device, g))
     # The prefill's grouped experts against transformers' grouped_mm path (same GEMMs; the sum over k may add
     # in another order).
     from transformers.integrations import moe
@@ -844,6 +934,12 @@ def main(argv: list[str] | None = None) -> dict:
         help="the eager path is slow (~0.8 s prefill): run it on the first N settings only",
     )
     p.add_argument("--max-settings", type=int, default=0, help="limit the number of settings (0: all)")
+    p.add_argument(
+        "--settings",
+        nargs="+",
+        default=None,
+        help="only these cells after the default one, e.g. vt1872_k8_b16",
+    )
     p.add_argument("--agree-steps", type=int, default=16, help="greedy tokens compared across paths")
     p.add_argument(
         "--budget-s",
@@ -926,6 +1022,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     grid = GRIDS["tiny" if args.tiny else "full"]
     settings = select_settings(grid)
+    if args.settings:
+        unknown = sorted(set(args.settings) - {x.cell_id() for x in settings})
+        if unknown:
+            raise SystemExit(
+                f"--settings: unknown cell(s) {unknown}; choose from {[x.cell_id() for x in settings]}"
+            )
+        settings = settings[:1] + [x for x in settings[1:] if x.cell_id() in args.settings]
     if args.max_settings:
         settings = settings[: args.max_settings]
     inputs = {vt: make_inputs(config, vt, device) for vt in grid["vision_tokens"]}

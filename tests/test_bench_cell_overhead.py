@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,6 +97,12 @@ def test_repeatability_recomputed_from_the_passes(run):
         a, b = p95[(1, r["setting"], r["kind"])], p95[(2, r["setting"], r["kind"])]
         assert r["p95_rel_diff"] == pytest.approx(abs(b - a) / a)
         assert r["p95_within_target"] == (r["p95_rel_diff"] <= 0.03)
+        ci = {
+            c["pass"]: c["total"]["p95_ci95"]
+            for c in result["cells"]
+            if c["setting"] == r["setting"] and c["kind"] == r["kind"]
+        }
+        assert r["p95_within_sampling_noise"] == (max(ci[1][0], ci[2][0]) <= min(ci[1][1], ci[2][1]))
         stages = {
             c["pass"]: c["stage_p95_ms"]
             for c in result["cells"]
@@ -193,3 +200,20 @@ def test_cells_record_gc_inside_requests(run):
     result, _ = run
     for cell in (c for c in result["cells"] if "error" not in c and "skipped" not in c):
         assert len(cell["gc_ms"]) == len(cell["gc_full_collections"]) == cell["n"]
+
+
+def test_p95_interval_reflects_the_samples_spread():
+    """A constant sample's P95 cannot move; a heavy-tailed one of 100 moves by tens of percent; 10,000 draws of
+    the same distribution pin it down, and the interval holds the point estimate."""
+    from bench.cell_overhead import p95_interval
+
+    assert p95_interval([5.0] * 100) == [5.0, 5.0]
+    rng = np.random.default_rng(1)
+
+    def heavy(n: int) -> list[float]:
+        return list(20 + rng.pareto(2.0, n) * 5)
+
+    small, large = heavy(100), heavy(10_000)
+    (lo_s, hi_s), (lo_l, hi_l) = p95_interval(small), p95_interval(large)
+    assert lo_s <= np.percentile(small, 95) <= hi_s and lo_l <= np.percentile(large, 95) <= hi_l
+    assert (hi_s - lo_s) / np.percentile(small, 95) > 0.1 > (hi_l - lo_l) / np.percentile(large, 95)

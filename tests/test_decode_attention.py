@@ -203,6 +203,43 @@ def compare_router(
     }
 
 
+def compare_folded(dtype: torch.dtype, device: str = "cpu", repeats: int = 1) -> dict[str, float]:
+    """The kernels whose last program finishes the work (`decode_block.FOLD_NORMS`) against the separate kernels
+    they replace, on 2 tokens of a hidden size that is not a power of two, `repeats` times each: mismatching
+    elements of the experts with the combine folded in (top-k 3 and 1) and of the q/k/v GEMV with the norm
+    folded in (the same sums: must be 0), the router's normalised input (0) and expert ids, and the largest
+    difference of its top-k weights and of the GEMV against rms_norm + F.linear."""
+    from knobsweep.models import rms_norm
+    from torch.nn import functional as F
+
+    torch.manual_seed(5)
+    hidden, inter, experts, tokens = 96, 32, 16, 2
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape) * scale).to(device, dtype)
+
+    x, residual, norm_w = rand(tokens, hidden, scale=3), rand(tokens, hidden), 1 + rand(hidden, scale=0.2)
+    gate_up, down = rand(experts, 2 * inter, hidden, scale=0.1), rand(experts, hidden, inter, scale=0.1)
+    router, qkv = rand(experts, hidden, scale=0.3), rand(40, hidden, scale=0.1)
+    normed = rms_norm.rms_norm(x, norm_w, 1e-6)
+    _, weights, ids = fused_moe.route(normed, router, 3, True)
+    result = {"combine": 0.0, "qkv": 0.0, "normed": 0.0, "ids": 0.0, "weights": 0.0}
+    expected_qkv = decode_attention.gemv(normed, qkv)
+    for _ in range(repeats):
+        for k in (3, 1):
+            args = (normed, gate_up, down, ids[:, :k], weights[:, :k])
+            folded = fused_moe.moe_fused(*args, residual=residual, split_down=True)
+            separate = fused_moe.moe_fused(*args, residual=residual, split_down=True, fold_combine=False)
+            result["combine"] += float((folded != separate).sum())
+        result["qkv"] += float((decode_attention.gemv(x, qkv, norm=(norm_w, 1e-6)) != expected_qkv).sum())
+        got_normed, got_weights, got_ids = fused_moe.route_normed(x, norm_w, 1e-6, router, 3, True)
+        result["normed"] += float((got_normed != normed).sum())
+        result["ids"] += float((got_ids != ids).sum())
+        result["weights"] = max(result["weights"], float((got_weights - weights).abs().max()))
+    result["qkv_vs_torch"] = float((expected_qkv - F.linear(normed, qkv)).abs().max())
+    return result
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 def test_fused_attention_equals_transformers_on_cpu(batch):
     """CPU: transformers' norms, rotary embedding and cache update after the concatenated q/k/v GEMV."""
@@ -294,7 +331,7 @@ def test_decode_kernels_equal_transformers_in_the_interpreter():
         torch.set_num_threads(1)
         sys.path.insert(0, sys.argv[1])
         from test_decode_attention import (
-            compare_attention, compare_block, compare_norm, compare_prompt_attention, compare_router
+            compare_attention, compare_block, compare_folded, compare_norm, compare_prompt_attention, compare_router
         )
         from knobsweep.models import fused_moe
         assert fused_moe.triton_usable(torch.zeros(1))
@@ -303,6 +340,7 @@ def test_decode_kernels_equal_transformers_in_the_interpreter():
         results.update({f"prompt_attention_b{b}": compare_prompt_attention(torch.float32, b) for b in (1, 2)})
         results["router_k3_True_t9"] = compare_router(torch.float32, 3, True, tokens=9)
         results["norm"] = {"norm": compare_norm(torch.float32)}
+        results["folded"] = compare_folded(torch.float32)
         for k in (1, 3, 8):
             for renormalize in (True, False):
                 results[f"router_k{k}_{renormalize}"] = compare_router(torch.float32, k, renormalize)
@@ -310,6 +348,9 @@ def test_decode_kernels_equal_transformers_in_the_interpreter():
         for name, d in results.items():
             if name == "norm":
                 assert d["norm"] < 1e-5, d
+            elif name == "folded":
+                assert d["combine"] == d["qkv"] == d["normed"] == d["ids"] == 0, d
+                assert d["weights"] < 1e-6 and d["qkv_vs_torch"] < 1e-5, d
             elif name.startswith(("attention", "block", "prompt")):
                 assert d["output"] < 1e-5 * max(1.0, d["scale"]) and d["keys"] < 1e-5 and d["values"] < 1e-5, d
                 assert d["length"] == 0, d
@@ -340,3 +381,78 @@ def test_decode_kernels_equal_transformers_on_cuda_in_bf16(batch):
     d = compare_router(torch.bfloat16, 8, True, device="cuda", tokens=40)
     assert d["logits"] == 0 and d["weights"] <= 1e-2, d
     assert compare_norm(torch.bfloat16, device="cuda") == 0
+
+
+@pytest.mark.skipif(TEST_DEVICE != "cuda", reason="compiled kernels in bf16 need a GPU")
+def test_folded_kernels_equal_the_separate_ones_every_time_on_cuda():
+    """bf16 on a GPU, 200 runs: the kernels whose last program finishes the work give what the separate kernels
+    give, in every run (a missing ordering between the programs would show as runs that differ)."""
+    d = compare_folded(torch.bfloat16, device="cuda", repeats=200)
+    assert d["combine"] == d["qkv"] == d["normed"] == d["ids"] == 0, d
+    assert d["weights"] <= 1e-2 and d["qkv_vs_torch"] <= 2e-2, d
+
+
+def _block_chain(device: str, dtype: torch.dtype):
+    """A decode block's kernels chained as in a step, each reading what the one before wrote (tiny shapes): the
+    q/k/v GEMV with the input norm, the output-projection GEMV with the residual, the router with the
+    post-attention norm, the experts with the combine and the second residual. Returns a function running them
+    and the output buffers it fills."""
+    torch.manual_seed(7)
+    hidden, inter, experts = 96, 32, 16
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape) * scale).to(device, dtype)
+
+    x, norm_w, post_w = rand(1, hidden, scale=3), 1 + rand(hidden, scale=0.2), 1 + rand(hidden, scale=0.2)
+    qkv_w, o_w, router = (
+        rand(hidden, hidden, scale=0.1),
+        rand(hidden, hidden, scale=0.1),
+        rand(experts, hidden),
+    )
+    gate_up, down = rand(experts, 2 * inter, hidden, scale=0.1), rand(experts, hidden, inter, scale=0.1)
+    outputs = {}
+
+    def run() -> None:
+        q = decode_attention.gemv(x, qkv_w, norm=(norm_w, 1e-6))
+        h = decode_attention.gemv(q, o_w, x)
+        normed, weights, ids = fused_moe.route_normed(h, post_w, 1e-6, router, 3, True)
+        outputs["out"] = fused_moe.moe_fused(normed, gate_up, down, ids, weights, residual=h)
+        outputs["ids"] = ids
+
+    return run, outputs
+
+
+@pytest.mark.skipif(TEST_DEVICE != "cuda", reason="programmatic dependent launch needs a GPU")
+def test_kernels_launched_with_pdl_give_the_same_results_in_a_graph_every_time(monkeypatch):
+    """The block's kernels chained and captured in a CUDA graph with programmatic dependent launch (each kernel
+    may start before the one it reads from ends, and waits for it): 100 replays equal the chain run without PDL
+    and without a graph, bit for bit."""
+    from knobsweep.models import pdl
+    from knobsweep.models.fast_path import capture_graph
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    run, outputs = _block_chain("cuda", torch.bfloat16)
+    monkeypatch.setattr(pdl, "ENABLED", False)
+    run()
+    expected = {k: v.clone() for k, v in outputs.items()}
+    monkeypatch.setattr(pdl, "ENABLED", True)
+    assert pdl.use(expected["out"])
+    graph, _ = capture_graph(run, lambda: None)
+    differ = 0
+    for _ in range(100):
+        graph.replay()
+        differ += sum(int((outputs[k] != expected[k]).sum()) for k in expected)
+    assert differ == 0
+
+
+def test_pdl_is_used_only_on_a_capable_gpu_and_when_enabled(monkeypatch):
+    from knobsweep.models import pdl
+
+    monkeypatch.setattr(pdl, "ENABLED", True)
+    assert not pdl.use(torch.zeros(1))  # on the CPU (and in Triton's interpreter): never
+    if TEST_DEVICE == "cuda":
+        capable = torch.cuda.get_device_capability()[0] >= 9 and pdl.gdc_wait is not None
+        assert pdl.use(torch.zeros(1, device="cuda")) == capable
+        monkeypatch.setattr(pdl, "ENABLED", False)
+        assert not pdl.use(torch.zeros(1, device="cuda"))

@@ -170,14 +170,15 @@ def test_fused_paths_run_the_prefill_experts_through_the_grouped_kernels(
 def test_fused_paths_run_each_kept_blocks_decode_attention_and_router_fused(adapters, path, monkeypatch):
     """Decode steps of the fused paths go through the fused attention (`attention_step`) in every kept block of
     the Qwen3 families (its logits equal the plain path's: the first test of this file) and, where Triton runs,
-    through the Triton router and the whole-block forward (residual additions in the output projection's
-    kernel); ernie4_5_vl_moe keeps transformers' (other attention and router classes)."""
+    through the Triton router (with the post-attention norm, `route_normed`, in the whole-block forward) and the
+    whole-block forward (residual additions in the output projection's kernel); ernie4_5_vl_moe keeps transformers' (other attention and router classes)."""
     from knobsweep.models import decode_attention, fused_moe
 
     attention_calls, route_calls, residual_calls = [], [], []
-    attend, route, project = (
+    attend, route, route_normed, project = (
         decode_attention.attention_step,
         fused_moe.route,
+        fused_moe.route_normed,
         decode_attention.linear_residual,
     )
     monkeypatch.setattr(
@@ -187,6 +188,12 @@ def test_fused_paths_run_each_kept_blocks_decode_attention_and_router_fused(adap
     )
     monkeypatch.setattr(
         fused_moe, "route", lambda x, w, *a: route_calls.append(w.data_ptr()) or route(x, w, *a)
+    )
+    # the whole-block forward runs the post-attention norm and the router in one kernel
+    monkeypatch.setattr(
+        fused_moe,
+        "route_normed",
+        lambda h, n, eps, w, *a: route_calls.append(w.data_ptr()) or route_normed(h, n, eps, w, *a),
     )
     monkeypatch.setattr(
         decode_attention,

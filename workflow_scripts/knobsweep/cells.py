@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 #    gate/up GEMM's epilogue) on pairs put in expert order by Triton kernels (`expert_order`); their decode
 #    steps' RMSNorms are Triton kernels too (`rms_norm`, transformers' rounding), not compiled ones.
 # 7: on CUDA the image is resized on the GPU (`resize_on_device`, torchvision), not by PIL on the host.
-INFERENCE_CODE_VERSION = "7"
+INFERENCE_CODE_VERSION = "8"
 
 SHARD_COLUMNS = (
     "workload",

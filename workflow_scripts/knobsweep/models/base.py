@@ -226,6 +226,9 @@ class ModelAdapter:
     # The language model's prefill can be graphed (fast_path.PrefillGraph): its forward takes embeddings and
     # positions (plus Qwen3-VL's DeepStack features) and nothing else the prefill graph does not handle.
     supports_static_prefill: ClassVar[bool] = False
+    # The vision encoder can run from precomputed per-grid constants and be graphed (fast_path.VisionGraph): its
+    # `vision_modules()` are one transformers Qwen3-VL-style vision model taking (pixel_values, grid_thw).
+    supports_vision_graph: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, processor: Any, path: str | Path | None = None) -> None:
         self.model = model
@@ -602,6 +605,8 @@ class ModelAdapter:
         # one-off per knob setting and cache length, like loading the model.
         decoder = self._fast.decoder(inputs, max_new_tokens) if self._fast and max_new_tokens > 1 else None
         static_prefill = decoder is not None and decoder.prepare_prefill(inputs)
+        if self._fast:
+            self._fast.prepare_vision(inputs)  # the vision encoder's graph for this image grid, likewise
         timer.mark("prefill_start")  # cache and position set-up are part of the prefill
         eos = torch.tensor(sorted(self.eos_token_ids()), device=input_ids.device)
         pad = self.pad_token_id()

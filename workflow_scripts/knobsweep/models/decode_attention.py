@@ -21,6 +21,9 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from knobsweep.models import pdl
+from knobsweep.models.pdl import wait_for_previous_kernel
+
 NAME = "knobsweep_gqa"
 
 
@@ -97,7 +100,9 @@ if triton is not None:
         NSPLIT: tl.constexpr,
         HAS_MASK: tl.constexpr,
         IEEE: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        wait_for_previous_kernel(PDL)
         head = tl.program_id(0)  # key/value head
         split = tl.program_id(1)
         offs_g = tl.arange(0, BLOCK_G)
@@ -154,9 +159,11 @@ if triton is not None:
         D: tl.constexpr,
         NSPLIT: tl.constexpr,
         ADVANCE: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         # ADVANCE: also add 1 to the static cache layer's length (StaticLayer.update's bookkeeping, one launch
         # fewer); nothing reads it between the key/value writes and the next step.
+        wait_for_previous_kernel(PDL)
         pid = tl.program_id(0)  # query head
         if ADVANCE:  # noqa: SIM102 - a compile-time branch around a run-time one
             if pid == 0:
@@ -198,6 +205,7 @@ def splitkv_decode(
     out = torch.empty(1, 1, heads, dim, device=query.device, dtype=query.dtype)
     q = query.reshape(heads, dim).contiguous()
     has_mask = mask is not None
+    launch_pdl = pdl.use(q)
     _splitkv_partial[(kv_heads, NUM_SPLITS)](
         q,
         key,
@@ -216,6 +224,8 @@ def splitkv_decode(
         NSPLIT=NUM_SPLITS,
         HAS_MASK=has_mask,
         IEEE=query.dtype == torch.float32,
+        PDL=launch_pdl,
+        launch_pdl=launch_pdl,
         num_warps=4,
     )
     _splitkv_combine[(heads,)](
@@ -229,6 +239,8 @@ def splitkv_decode(
         D=dim,
         NSPLIT=NUM_SPLITS,
         ADVANCE=advance is not None,
+        PDL=launch_pdl,
+        launch_pdl=launch_pdl,
         num_warps=4,
     )
     return out
@@ -317,10 +329,12 @@ if triton is not None:
         HKV: tl.constexpr,
         D: tl.constexpr,
         BLOCK_T: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         # One program per BLOCK_T tokens and one head of the concatenated projection (batch, T tokens,
         # (HQ + 2 HKV) heads; TOKENS = batch x T): query heads, then key heads, then values; token t of row b
         # goes to cache slot (length + t).
+        wait_for_previous_kernel(PDL)
         tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         head = tl.program_id(1)
         valid = (tokens < TOKENS)[:, None]
@@ -403,36 +417,70 @@ def concatenate_qkv(attention: torch.nn.Module) -> None:
 # weight, GEMV_BLOCK_K columns per iteration, GEMV_WARPS warps (measured on an H100 at the real shapes,
 # bench/decode_ops.py: 8.4 us per block against 12.2 for cuBLAS's GEMV and the addition).
 GEMV_BLOCK_N, GEMV_BLOCK_K, GEMV_WARPS = 4, 1024, 8
+# The q/k/v GEMV with the block's input norm folded in (`decode_block.FOLD_NORMS`): a whole 2,048-column row per
+# program and 4 warps (bench/decode_ops.py, H200: 8.4 us per block against 8.9 with the output projection's
+# parameters and 10.0 for the norm's kernel and cuBLAS's GEMV).
+NORMED_GEMV_BLOCK_N, NORMED_GEMV_BLOCK_K, NORMED_GEMV_WARPS = 4, 2048, 4
 GEMV_MAX_ROWS = 4  # inputs of more rows go to cuBLAS (each program reads its weight rows once per input row)
 
 if triton is not None:
+
+    @triton.jit
+    def _gemv_input(x_ptr, norm_w_ptr, start, offs, mask, rstd, NORM: tl.constexpr, dtype: tl.constexpr):
+        # x[start + offs] in fp32; NORM: times rstd, rounded, times the norm's weight, rounded to dtype (rms_norm).
+        x = tl.load(x_ptr + start + offs, mask=mask, other=0.0).to(tl.float32)
+        if NORM:
+            scale = tl.load(norm_w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            x = (scale * (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)).to(dtype).to(tl.float32)
+        return x
 
     @triton.jit
     def _gemv_kernel(
         x_ptr,
         w_ptr,
         residual_ptr,
+        norm_w_ptr,
         out_ptr,
         N,
         K,
+        eps,
         HAS_RESIDUAL: tl.constexpr,
+        NORM: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         # out[r, n] = x[r] . w[n] in fp32, rounded to the output dtype; HAS_RESIDUAL: then plus residual[r, n],
-        # rounded again (transformers' `residual + o_proj(x)` in two bf16 operations).
+        # rounded again (transformers' `residual + o_proj(x)` in two bf16 operations). NORM: x[r] is first
+        # RMS-normalised with weight norm_w and epsilon eps, rounded as `rms_norm.rms_norm` does (each program
+        # normalises the row again from L2: one launch, the norm's, fewer).
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row = tl.program_id(1)
         mask_n = offs_n < N
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K
-            x = tl.load(x_ptr + row * K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        # The first tile of weights before waiting for the previous kernel (constants: with PDL the load overlaps
+        # the previous kernel's end).
+        w = tl.load(
+            w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0
+        )
+        wait_for_previous_kernel(PDL)
+        if NORM:
+            squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                x = tl.load(x_ptr + row * K + k0 + offs_k, mask=k0 + offs_k < K, other=0.0).to(tl.float32)
+                squares += x * x
+            rstd = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+        else:
+            rstd = 1.0
+        x = _gemv_input(x_ptr, norm_w_ptr, row * K, offs_k, mask_k, rstd, NORM, w_ptr.dtype.element_ty)
+        acc = w.to(tl.float32) * x[None, :]
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            offs = k0 + offs_k
+            mask = offs < K
+            x = _gemv_input(x_ptr, norm_w_ptr, row * K, offs, mask, rstd, NORM, w_ptr.dtype.element_ty)
             w = tl.load(
-                w_ptr + offs_n[:, None] * K + offs_k[None, :],
-                mask=mask_n[:, None] & mask_k[None, :],
-                other=0.0,
+                w_ptr + offs_n[:, None] * K + offs[None, :], mask=mask_n[:, None] & mask[None, :], other=0.0
             )
             acc += w.to(tl.float32) * x[None, :]
         dtype = out_ptr.dtype.element_ty
@@ -450,20 +498,29 @@ def gemv(
     block_n: int = GEMV_BLOCK_N,
     block_k: int = GEMV_BLOCK_K,
     num_warps: int = GEMV_WARPS,
+    norm: tuple[torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """x @ weight.T (+ residual, added after rounding the product) by `_gemv_kernel`: x (rows, K), weight (N, K)
-    contiguous, residual (rows, N)."""
+    contiguous, residual (rows, N); norm: (weight (K,), epsilon) of an RMSNorm applied to x first, as
+    `rms_norm.rms_norm` (then x's dtype must be the weight's)."""
     rows, k = x.shape
     n = weight.shape[0]
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    norm_weight, eps = norm if norm is not None else (x, 0.0)
+    launch_pdl = pdl.use(x)
     _gemv_kernel[(triton.cdiv(n, block_n), rows)](
         x,
         weight,
         out if residual is None else residual,
+        norm_weight,
         out,
         n,
         k,
+        eps,
         HAS_RESIDUAL=residual is not None,
+        NORM=norm is not None,
+        PDL=launch_pdl,
+        launch_pdl=launch_pdl,
         BLOCK_N=block_n,
         BLOCK_K=min(block_k, triton.next_power_of_2(k)),
         num_warps=num_warps,
@@ -483,6 +540,24 @@ def linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
         return residual + F.linear(x, weight)
     out = gemv(x.reshape(rows, k).contiguous(), weight, residual.reshape(rows, -1).contiguous())
     return out.view(residual.shape)
+
+
+def foldable_norm(norm: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a kernel may apply `norm` to its input x itself (`gemv`'s NORM, `fused_moe.route_normed`): a
+    transformers RMSNorm `rms_norm` reproduces, running its class's forward or `rms_norm_forward` (no other
+    forward set on the instance, e.g. a hook's), whose weight and x have the dtype of the `weight` that
+    multiplies the result, on a device where Triton runs."""
+    from knobsweep.models import rms_norm
+    from knobsweep.models.fused_moe import triton_usable
+
+    forward = norm.__dict__.get("forward")
+    return (
+        rms_norm.fusable_norm(norm)
+        and (forward is None or getattr(forward, "__func__", None) is rms_norm.rms_norm_forward)
+        and norm.weight.shape == x.shape[-1:]
+        and norm.weight.dtype == x.dtype == weight.dtype
+        and triton_usable(x)
+    )
 
 
 def cache_from_kwargs(kwargs: dict) -> Any:
@@ -518,24 +593,44 @@ def _kernel_applies(self: torch.nn.Module, x: torch.Tensor) -> bool:
 
 
 def _project_into_cache(
-    self: torch.nn.Module, hidden_states: torch.Tensor, position_embeddings: tuple, layer: Any
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple,
+    layer: Any,
+    norm: torch.nn.Module | None = None,
 ) -> torch.Tensor:
     """q/k/v of (batch, T) tokens in one GEMM over the concatenated weights, then `_qk_norm_rope_store_kernel`:
     the normalised, rotated keys and the values written into `layer` from its length on (not advanced); returns
     the queries (batch, heads, T, head_dim), stored token-major ((batch, T, heads, head_dim) in memory): sdpa's
     output then comes token-major too and transformers' transpose to (batch, T, heads x head_dim) copies
-    nothing (a 15 MB copy per block of an 1898-token prefill otherwise)."""
-    batch, length, _ = hidden_states.shape
+    nothing (a 15 MB copy per block of an 1898-token prefill otherwise). `norm`: the block's input RMSNorm,
+    applied to hidden_states first (inside the GEMV where `foldable_norm` allows)."""
+    batch, length, hidden = hidden_states.shape
     dim = self.head_dim
     heads = self.q_proj.weight.shape[0] // dim
     kv_heads = self.k_proj.weight.shape[0] // dim
-    qkv = F.linear(hidden_states, self.__dict__[QKV_WEIGHT]).contiguous()
+    weight = self.__dict__[QKV_WEIGHT]
+    if norm is not None and foldable_norm(norm, hidden_states, weight) and batch * length <= GEMV_MAX_ROWS:
+        rows = hidden_states.reshape(-1, hidden).contiguous()
+        qkv = gemv(
+            rows,
+            weight,
+            block_n=NORMED_GEMV_BLOCK_N,
+            block_k=NORMED_GEMV_BLOCK_K,
+            num_warps=NORMED_GEMV_WARPS,
+            norm=(norm.weight, float(norm.variance_epsilon)),
+        ).view(batch, length, -1)
+    else:
+        if norm is not None:
+            hidden_states = norm(hidden_states)
+        qkv = F.linear(hidden_states, weight).contiguous()
     cos, sin = position_embeddings
     query = torch.empty(batch, length, heads, dim, dtype=qkv.dtype, device=qkv.device).transpose(1, 2)
     tokens = batch * length
     # A decode step's few tokens: one per program (one warp each); a prompt's: PROMPT_TOKENS_PER_PROGRAM per
     # program (one token per program made the 1898-token prefill's kernel 48 us, 2.3 ms of 45 per prefill).
     per_program = 1 if tokens <= 4 else PROMPT_TOKENS_PER_PROGRAM
+    launch_pdl = pdl.use(qkv)
     _qk_norm_rope_store_kernel[(triton.cdiv(tokens, per_program), heads + 2 * kv_heads)](
         qkv,
         self.q_norm.weight,
@@ -555,6 +650,8 @@ def _project_into_cache(
         HKV=kv_heads,
         D=dim,
         BLOCK_T=per_program,
+        PDL=launch_pdl,
+        launch_pdl=launch_pdl,
         num_warps=1 if per_program == 1 else 4,
     )
     return query
@@ -568,18 +665,23 @@ def attention_step(
     cache: Any,
     layer: Any,
     residual: torch.Tensor | None = None,
+    norm: torch.nn.Module | None = None,
 ) -> torch.Tensor:
     """One decode step of a Qwen3-style attention over its static cache layer (`decode_cache_layer`): the
     attention output, plus `residual` if given (added in the output projection's kernel where Triton runs).
+    `norm`: an RMSNorm applied to hidden_states first (the block's input norm; inside the q/k/v GEMV on CUDA).
     Same arithmetic as transformers' up to rounding: the q/k/v projection is one GEMV, the norms, rotary
     embedding and cache writes one Triton kernel on CUDA (`_project_into_cache`; transformers' own ops
     elsewhere), attention `splitkv_attention`, which also advances the cache's length."""
     batch = hidden_states.shape[0]
     if _kernel_applies(self, hidden_states):
-        query = _project_into_cache(self, hidden_states, position_embeddings, layer)
+        query = _project_into_cache(self, hidden_states, position_embeddings, layer, norm)
         keys, values, advance = layer.keys, layer.values, layer.cumulative_length
     else:
         import sys
+
+        if norm is not None:
+            hidden_states = norm(hidden_states)
 
         dim = self.head_dim
         heads = self.q_proj.weight.shape[0] // dim

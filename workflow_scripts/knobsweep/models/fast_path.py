@@ -41,8 +41,8 @@ Graphed prefill (`_graph` paths, families with `supports_static_prefill`: qwen3_
 ----------------------------------------------------------------------------------------------
 Un-graphed, a real-size prefill is bound by the host launching its ~4,600 kernels (on an H100 ~75-120 ms at
 any prompt length, against 31 ms graphed at 314 tokens): latencies would follow the host, not the knobs. The
-graph paths therefore also replay the language model's prefill from a CUDA graph: the vision encoder and the
-merge of its features run as usual, then the language model's forward is intercepted and its inputs
+graph paths therefore also replay the language model's prefill from a CUDA graph: the vision encoder (graphed on
+its own, below) and the merge of its features run as usual, then the language model's forward is intercepted and its inputs
 (embeddings, positions, DeepStack features) are copied into the buffers of a graph captured for the prompt
 length rounded up to `PREFILL_BUCKET` (right padding: with causal attention the padded positions come after
 every real token and change none of them; their key/value slots are overwritten by the decode steps and
@@ -55,6 +55,23 @@ RMSNorms through `FusedModules`' prefill forwards (the prompt's attention over i
 empty cache and the causal mask allow; one kernel per norm), and the experts through `moe_grouped`'s Triton
 GEMMs: on an H100 the 1898-token prefill of the real-size model takes 35.5 ms, against 76 ms with transformers'
 modules (bench/README.md).
+
+Graphed vision encoder (`_graph` paths, families with `supports_vision_graph`: qwen3_vl_moe)
+-----------------------------------------------------------------------------------------
+Un-graphed, Qwen3-VL's vision encoder (27 blocks of small kernels) is bound by the host launching them: its time
+follows the host, not the vision-token knob. The graph paths replay it from a CUDA graph per image grid (the rows
+of `image_grid_thw`), `VisionGraph`. What its forward computes from the grid and reads on the host (the
+position-embedding interpolation indices and weights, the rotary positions, the images' cumulative lengths, by
+which the attention splits q/k/v with `.tolist()`) is computed once per grid by transformers' own helpers
+(`transformers.vision_utils`; 5.17 and 5.24 checked) and passed as the keyword arguments those helpers return instead of
+computing (the lengths as a host tensor: the split reads them without a synchronisation); the rest, device work
+on a fixed pixel buffer, is captured. The graph is built before the request's clock starts (`prepare_vision`,
+next to the decoder's), checked once against the forward as loaded, kept across knob changes (the encoder does not
+depend on them; at most `MAX_VISION_GRAPHS`, the least recently used dropped first), and shares one memory pool
+with the adapter's other vision graphs. During the prefill the vision model's forward is replaced on the instance
+(the module's hooks, which time the vision stage, still run): the vision stage is the pixel copy and the replay.
+A vision model whose forward does not take those inputs, or a graph that fails to build or differs from the
+forward as loaded, leaves the forward as loaded on that path, with one log line (`vision_fallback`).
 
 Static cache and graphs
 -----------------------
@@ -78,6 +95,8 @@ runs over the whole bucket.
 from __future__ import annotations
 
 import gc
+import inspect
+import logging
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -111,6 +130,15 @@ MAX_DECODERS = 4
 PREFILL_BUCKET = 16
 IMAGE_BUCKET = 64
 MAX_PREFILL_GRAPHS = 8
+# Vision-encoder graphs (one per image grid) kept per adapter and path, across knob changes; the least recently
+# used goes first. Enough for one vision_tokens budget's grids in a real dataset: COCO's image sizes (640 on the
+# long side, 333-640 on the other, both orientations) give 7-9 grids per budget of the study's grid, the
+# synthetic workload's four sizes three; fewer slots than a cell's grids would recapture (~0.3 s each, untimed
+# but slow) whenever its images alternate. Each graph keeps 54-101 MB of buffers (H200, `bench.vision_graph`):
+# at most ~1.6 GB.
+MAX_VISION_GRAPHS = 16
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -121,17 +149,28 @@ class PathSpec:
     fused: bool
     regional: bool = False  # torch.compile of the RMSNorms, MoE blocks and rope in decode steps
     static_prefill: bool = False  # the language model's prefill into the static cache, padded to a bucket
+    vision_graph: bool = False  # the vision encoder per image grid from precomputed constants (`VisionGraph`)
 
 
 PATHS: dict[str, PathSpec] = {
     "eager": PathSpec("eager", static_cache=False, graph=False, fused=False),
     "static": PathSpec("static", static_cache=True, graph=False, fused=False),
-    "static_graph": PathSpec("static_graph", static_cache=True, graph=True, fused=False, static_prefill=True),
+    "static_graph": PathSpec(
+        "static_graph", static_cache=True, graph=True, fused=False, static_prefill=True, vision_graph=True
+    ),
     "fused": PathSpec("fused", static_cache=True, graph=False, fused=True),
-    "fused_graph": PathSpec("fused_graph", static_cache=True, graph=True, fused=True, static_prefill=True),
+    "fused_graph": PathSpec(
+        "fused_graph", static_cache=True, graph=True, fused=True, static_prefill=True, vision_graph=True
+    ),
     "fused_regional": PathSpec("fused_regional", static_cache=True, graph=False, fused=True, regional=True),
     "fused_regional_graph": PathSpec(
-        "fused_regional_graph", static_cache=True, graph=True, fused=True, regional=True, static_prefill=True
+        "fused_regional_graph",
+        static_cache=True,
+        graph=True,
+        fused=True,
+        regional=True,
+        static_prefill=True,
+        vision_graph=True,
     ),
 }
 
@@ -391,19 +430,108 @@ class FastDecoding:
             if self.spec.fused
             else None
         )
+        # The vision encoder's graphs by image grid (rows of image_grid_thw), sharing one memory pool; they do
+        # not depend on the knobs, so `clear()` keeps them. The next request's, with its grid tensor.
+        self.vision_graphs: OrderedDict[tuple[tuple[int, ...], ...], VisionGraph] = OrderedDict()
+        self.vision_pool: Any = None
+        self.pending_vision: tuple[VisionGraph, torch.Tensor] | None = None
+        # Why the vision encoder runs as loaded on this path, once a graph could not be used (logged once).
+        self.vision_fallback: str | None = None
 
     def clear(self) -> None:
-        """Drop every decoder (their graphs bake in the knobs); called by `configure()`."""
+        """Drop every decoder (their graphs bake in the knobs); called by `configure()`. The vision graphs stay."""
         for decoder in self.decoders.values():
             decoder.release()
         self.decoders.clear()
 
+    def prepare_vision(self, inputs: dict[str, torch.Tensor]) -> bool:
+        """Before the request's clock: the vision graph for this request's image grid, built (and on graph paths
+        captured) if new; one host synchronisation to read the grid. False where the vision encoder runs as
+        loaded: paths without vision graphs, families without `supports_vision_graph`, requests without images
+        or with videos, and after a fallback (`vision_fallback`)."""
+        self.pending_vision = None
+        adapter = self.adapter
+        if not (self.spec.vision_graph and adapter.supports_vision_graph) or self.vision_fallback is not None:
+            return False
+        pixels, grid = inputs.get("pixel_values"), inputs.get("image_grid_thw")
+        if pixels is None or grid is None or inputs.get("pixel_values_videos") is not None:
+            return False
+        key = tuple(tuple(int(v) for v in row) for row in grid.tolist())
+        graph = self.vision_graphs.get(key)
+        if graph is not None:
+            self.vision_graphs.move_to_end(key)
+        else:
+            (visual,) = adapter.vision_modules()
+            reason = vision_graph_support(visual)
+            if reason is None:
+                try:
+                    graph = self._new_vision_graph(visual, key, grid, pixels)
+                except Exception as error:  # noqa: BLE001 - the plain forward is correct, only slower: logged
+                    reason = f"its graph for image grid {list(key)} failed ({type(error).__name__}: {error})"
+            if reason is not None:
+                self._vision_fall_back(visual, reason)
+                return False
+        self.pending_vision = (graph, grid)
+        return True
+
+    def _new_vision_graph(
+        self, visual: torch.nn.Module, key: tuple, grid: torch.Tensor, pixels: torch.Tensor
+    ) -> VisionGraph:
+        """A VisionGraph for `grid` (least recently used ones dropped first), checked against the vision model's
+        own forward on this request's pixels."""
+        while len(self.vision_graphs) >= MAX_VISION_GRAPHS:
+            self.vision_graphs.popitem(last=False)
+        if self.spec.graph and self.vision_pool is None:
+            self.vision_pool = torch.cuda.graph_pool_handle()
+        graph = VisionGraph(visual, grid, pixels, graphed=self.spec.graph, pool=self.vision_pool)
+        error = graph.verify(pixels, grid)
+        if not error <= VISION_CHECK_TOLERANCE:
+            raise RuntimeError(
+                f"its output differs from the vision model's by {error:.3g} of the largest output value"
+            )
+        self.vision_graphs[key] = graph
+        return graph
+
+    def _vision_fall_back(self, visual: torch.nn.Module, reason: str) -> None:
+        """From now on the vision encoder runs as loaded on this path (correct, launched from Python); one log
+        line per process and reason."""
+        self.vision_fallback = reason
+        self.vision_graphs.clear()
+        self.vision_pool = None
+        message = (
+            f"{self.adapter.family}: the vision encoder ({type(visual).__name__}) runs un-graphed on inference "
+            f"path {self.spec.name!r}: {reason}"
+        )
+        if message not in _LOGGED_FALLBACKS:
+            _LOGGED_FALLBACKS.add(message)
+            log.warning(message)
+
+    @contextmanager
+    def vision_forward(self) -> Iterator[None]:
+        """The vision model's forward replaced on the instance by the prepared VisionGraph's for one prefill (the
+        module's hooks, which time the vision stage, still run), then the class's forward again."""
+        pending, self.pending_vision = self.pending_vision, None
+        if pending is None:
+            yield
+            return
+        graph, grid = pending
+        graph.expected_grid = grid
+        graph.visual.forward = graph.forward
+        try:
+            yield
+        finally:
+            del graph.visual.forward  # back to the class's forward
+            graph.expected_grid = None
+
     @contextmanager
     def prefill_kernels(self, decoder: StaticDecoder | None = None) -> Iterator[None]:
-        """The prefill's experts (`prefill_experts`) and, where the decoder prepared one, the language model's
-        forward replaced by its graphed prefill."""
+        """The prefill's experts (`prefill_experts`), the prepared vision graph (`vision_forward`) and, where the
+        decoder prepared one, the language model's forward replaced by its graphed prefill."""
         graph = decoder.pending_prefill if decoder is not None else None
-        with prefill_experts(self.adapter, self.spec, graphed=graph is not None and graph.graph is not None):
+        with (
+            prefill_experts(self.adapter, self.spec, graphed=graph is not None and graph.graph is not None),
+            self.vision_forward(),
+        ):
             if graph is None:
                 yield
                 return
@@ -655,6 +783,190 @@ class PrefillGraph:
         else:
             hidden = self._forward()
         return BaseModelOutputWithPast(last_hidden_state=hidden[:, :length])
+
+
+# ---- the vision encoder ---------------------------------------------------------------------------------------
+# transformers' helpers (transformers.vision_utils; 5.17 and 5.24 checked) that compute the vision forward's grid-dependent
+# inputs, each returning its precomputed value instead when the forward's keyword arguments hold it (popped).
+_VISION_HELPERS = (
+    "get_vision_interpolation_indices_and_weights",
+    "get_vision_position_ids",
+    "get_vision_attention_seqlens",
+)
+# Arguments the vision model receives from `get_image_features` that a VisionGraph ignores; the extra outputs only
+# while they are not asked for.
+_VISION_IGNORED_ARGS = ("return_dict", "use_cache")
+_VISION_EXTRA_OUTPUTS = ("output_attentions", "output_hidden_states", "output_router_logits")
+# Largest difference from the vision model's own forward, relative to its largest output value, that a new vision
+# graph may show (`FastDecoding._new_vision_graph`): a gross-error guard (a wrong constant or a stale buffer gives
+# O(1)); the same kernels on the same inputs give 0 (tests/test_vision_graph.py).
+VISION_CHECK_TOLERANCE = 1e-2
+_LOGGED_FALLBACKS: set[str] = set()
+
+
+def vision_graph_support(visual: torch.nn.Module) -> str | None:
+    """None where `visual`'s forward takes its grid-dependent inputs precomputed (`vision_constants`); otherwise
+    why not, for the log line of the fallback to the forward as loaded."""
+    if "forward" in visual.__dict__:
+        return "its forward is replaced on the instance (e.g. by an offloading hook)"
+    try:
+        from transformers import vision_utils
+    except ImportError:
+        return "this transformers has no vision_utils"
+    missing = [name for name in _VISION_HELPERS if not hasattr(vision_utils, name)]
+    if missing:
+        return f"transformers.vision_utils has no {missing}"
+    called = inspect.unwrap(type(visual).forward).__code__.co_names
+    uncalled = [name for name in _VISION_HELPERS if name not in called]
+    if uncalled:
+        return f"{type(visual).__name__}.forward does not take its inputs from {uncalled}"
+    return None
+
+
+def vision_constants(visual: torch.nn.Module, grid_thw: torch.Tensor) -> dict[str, Any]:
+    """The inputs of Qwen3-VL's vision forward that depend only on the image grid, computed by transformers' own
+    helpers with the arguments the forward gives them, as the keyword arguments the helpers pop instead of
+    computing: position-embedding interpolation indices and weights, rotary positions, and the images'
+    cumulative lengths. The attention splits q/k/v by those lengths read on the host (`.tolist()`), which would
+    synchronise inside the forward: given as a host tensor they need none (flash attention instead takes them on
+    the device, with the longest length as a number)."""
+    from transformers import vision_utils
+    from transformers.utils.generic import is_flash_attention_requested
+
+    indices, weights = vision_utils.get_vision_interpolation_indices_and_weights(
+        grid_thw,
+        num_grid_per_side=visual.num_grid_per_side,
+        mode=visual.interpolation_mode,
+        align_corners=visual.interpolation_align_corners,
+        spatial_merge_size=visual.config.spatial_merge_size,
+    )
+    positions = vision_utils.get_vision_position_ids(grid_thw, visual.spatial_merge_size)
+    cu_seqlens = vision_utils.get_vision_cu_seqlens(grid_thw)
+    constants = {"interp_indices": indices, "interp_weights": weights, "position_ids": positions}
+    if is_flash_attention_requested(visual.config):
+        constants["cu_seqlens"] = cu_seqlens
+        constants["max_seqlen"] = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    else:
+        constants["cu_seqlens"] = cu_seqlens.cpu()
+    return constants
+
+
+class VisionGraph:
+    """Qwen3-VL's vision encoder (`model.model.visual`) for one image grid (the rows of `image_grid_thw`): the
+    grid's host-dependent inputs computed once (`vision_constants`), the pixels copied into a fixed buffer, the
+    rest replayed from a CUDA graph on graph paths (on other devices: the same forward, un-graphed). `forward`
+    stands in for the vision model's forward during a request's prefill (`FastDecoding.vision_forward`); it returns
+    the vision model's output type with the graph's buffers, valid until the next replay of any of the adapter's
+    vision graphs (they share one memory pool), which the request's prefill, their only reader, never outlives."""
+
+    def __init__(
+        self,
+        visual: torch.nn.Module,
+        grid_thw: torch.Tensor,
+        pixel_values: torch.Tensor,
+        graphed: bool,
+        pool: Any = None,
+    ) -> None:
+        self.visual = visual
+        self.grid = grid_thw.clone()
+        self.rows = [[int(v) for v in row] for row in grid_thw.tolist()]
+        self.constants = vision_constants(visual, self.grid)
+        self.pixels = pixel_values.to(visual.dtype, copy=True)  # warm-ups and capture on real pixels
+        self.output_type: type | None = None
+        self.layout: list[tuple[str, int | None]] = []  # (field, None: a tensor | n: a list of n tensors)
+        self.outputs: tuple[torch.Tensor, ...] = ()
+        self.expected_grid: torch.Tensor | None = None  # the prepared request's grid tensor
+        self.graph: Any = None
+        if graphed:
+            self.graph, self.outputs = capture_graph(self._forward, lambda: None, pool=pool)
+
+    def _forward(self) -> tuple[torch.Tensor, ...]:
+        """The vision model's forward (the class's: no hooks) on the buffer, its output's tensors in order."""
+        visual = self.visual
+        out = type(visual).forward(
+            visual, self.pixels, grid_thw=self.grid, return_dict=True, **self.constants
+        )
+        flat: list[torch.Tensor] = []
+        layout: list[tuple[str, int | None]] = []
+        for key, value in out.items():
+            if isinstance(value, torch.Tensor):
+                layout.append((key, None))
+                flat.append(value)
+            elif isinstance(value, (list, tuple)) and all(isinstance(v, torch.Tensor) for v in value):
+                layout.append((key, len(value)))
+                flat.extend(value)
+            else:
+                raise TypeError(f"the vision model's output field {key!r} is a {type(value).__name__}")
+        self.output_type, self.layout = type(out), layout
+        return tuple(flat)
+
+    def _output(self, flat: tuple[torch.Tensor, ...]) -> Any:
+        """A new output object of the vision model's type around `flat` (callers replace its fields)."""
+        fields: dict[str, Any] = {}
+        i = 0
+        for key, count in self.layout:
+            if count is None:
+                fields[key], i = flat[i], i + 1
+            else:
+                fields[key], i = list(flat[i : i + count]), i + count
+        return self.output_type(**fields)
+
+    def forward(
+        self, hidden_states: torch.Tensor, grid_thw: torch.Tensor | None = None, **kwargs: Any
+    ) -> Any:
+        """The vision model's forward for this grid: copy the pixels (`hidden_states`, patches x C*T*P*P) into the
+        buffer, replay (run) it. Another grid, pixel shape or an output the graph does not record is an error."""
+        unexpected = sorted(
+            k
+            for k, v in kwargs.items()
+            if (k in _VISION_EXTRA_OUTPUTS and v)
+            or (k not in _VISION_IGNORED_ARGS + _VISION_EXTRA_OUTPUTS and v is not None)
+        )
+        if unexpected:
+            raise RuntimeError(
+                f"vision graph: the vision model was called with arguments it does not handle: {unexpected}"
+            )
+        if hidden_states.shape != self.pixels.shape:
+            raise RuntimeError(
+                f"vision graph: pixels of shape {tuple(hidden_states.shape)} for the graph of image grid "
+                f"{self.rows}, which takes {tuple(self.pixels.shape)}"
+            )
+        # The prepared request's grid tensor is the one checked; another is compared on the host (synchronises).
+        if grid_thw is not self.expected_grid and (grid_thw is None or grid_thw.tolist() != self.rows):
+            got = None if grid_thw is None else grid_thw.tolist()
+            raise RuntimeError(f"vision graph: image grid {got} for the graph of image grid {self.rows}")
+        self.pixels.copy_(hidden_states)
+        if self.graph is not None:
+            self.graph.replay()
+            out = self._output(self.outputs)
+        else:
+            out = self._output(self._forward())
+        return out.to_tuple() if kwargs.get("return_dict") is False else out
+
+    def verify(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> float:
+        """Largest difference between `forward` and the vision model's own forward on these pixels, relative to
+        the largest output value (0: identical)."""
+        visual = self.visual
+        pixel_values = pixel_values.to(visual.dtype)
+        expected = type(visual).forward(visual, pixel_values, grid_thw=grid_thw, return_dict=True)
+        saved, self.expected_grid = self.expected_grid, grid_thw
+        try:
+            got = self.forward(pixel_values, grid_thw)
+        finally:
+            self.expected_grid = saved
+        error, scale = 0.0, 0.0
+        for key, count in self.layout:
+            pairs = (
+                [(got[key], expected[key])]
+                if count is None
+                else list(zip(got[key], expected[key], strict=True))
+            )
+            for a, b in pairs:
+                if a.shape != b.shape:
+                    return math.inf
+                scale = max(scale, float(b.float().abs().nan_to_num(nan=math.inf).max()))
+                error = max(error, float((a.float() - b.float()).abs().nan_to_num(nan=math.inf).max()))
+        return error / scale if scale > 0 else error
 
 
 class CompileOnFirstCall:

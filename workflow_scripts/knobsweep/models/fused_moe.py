@@ -32,6 +32,9 @@ import os
 
 import torch
 
+from knobsweep.models import pdl
+from knobsweep.models.pdl import wait_for_previous_kernel
+
 try:  # Triton is present with CUDA builds of torch; CPU-only installs may lack it.
     import triton
     import triton.language as tl
@@ -96,9 +99,19 @@ if triton is not None:
 
     @triton.jit
     def _gate_up_kernel(
-        x_ptr, w_ptr, ids_ptr, act_ptr, H, INTER, K, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr
+        x_ptr,
+        w_ptr,
+        ids_ptr,
+        act_ptr,
+        H,
+        INTER,
+        K,
+        BLOCK_N: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         # One program: one (token, expert) pair and BLOCK_N rows of its gate and up projections.
+        wait_for_previous_kernel(PDL)
         pair = tl.program_id(0)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < INTER
@@ -135,9 +148,11 @@ if triton is not None:
         HAS_RESIDUAL: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_I: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         # One program: one token and BLOCK_N output features, summed over its K experts (then, HAS_RESIDUAL,
         # rounded and added to the residual: `_store_output`).
+        wait_for_previous_kernel(PDL)
         token = tl.program_id(0)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < H
@@ -184,6 +199,60 @@ if triton is not None:
             ).to(tl.float32)
             acc += tl.sum(w * a[None, :], axis=1)
         tl.store(y_ptr + pair * H + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+    @triton.jit
+    def _down_pair_combine_kernel(
+        act_ptr,
+        w_ptr,
+        ids_ptr,
+        weights_ptr,
+        y_ptr,
+        residual_ptr,
+        out_ptr,
+        arrivals_ptr,
+        H,
+        INTER,
+        K,
+        HAS_RESIDUAL: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_I: tl.constexpr,
+        PDL: tl.constexpr = False,
+    ):
+        # `_down_pair_kernel`, then `_combine_kernel`'s work for its BLOCK_N features done by the last of the
+        # token's K pair programs to arrive (arrivals[token, feature block] counts them; the last zeroes it):
+        # the same rounded rows y summed in the same order, one launch fewer.
+        wait_for_previous_kernel(PDL)
+        pair = tl.program_id(0)
+        block = tl.program_id(1)
+        offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < H
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
+        base = w_ptr + expert * H * INTER
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for i0 in range(0, INTER, BLOCK_I):
+            offs_i = i0 + tl.arange(0, BLOCK_I)
+            mask_i = offs_i < INTER
+            a = tl.load(act_ptr + pair * INTER + offs_i, mask=mask_i, other=0.0).to(tl.float32)
+            w = tl.load(
+                base + offs_n[:, None] * INTER + offs_i[None, :],
+                mask=mask_n[:, None] & mask_i[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            acc += tl.sum(w * a[None, :], axis=1)
+        tl.store(y_ptr + pair * H + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
+        token = pair // K
+        counter = arrivals_ptr + token * tl.num_programs(1) + block
+        tl.debug_barrier()  # see `_normed_router_kernel`
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+        if arrived == K - 1:
+            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for j in range(K):
+                row = (token * K + j).to(tl.int64)
+                weight = tl.load(weights_ptr + row).to(tl.float32)
+                y = tl.load(y_ptr + row * H + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
+                total += y.to(tl.float32) * weight
+            _store_output(total, residual_ptr, out_ptr, token * H + offs_n, mask_n, HAS_RESIDUAL)
+            tl.store(counter, 0)
 
     @triton.jit
     def _combine_kernel(
@@ -388,24 +457,23 @@ if triton is not None:
         tl.store(out_ptr + token * E + offs_e, acc.to(out_ptr.dtype.element_ty), mask=mask_e)
 
     @triton.jit
-    def _softmax_topk_kernel(
-        logits_ptr,
+    def _softmax_topk_row(
+        z,
+        offs,
+        valid,
         weights_ptr,
         ids_ptr,
-        E,
         K,
         RENORMALIZE: tl.constexpr,
         BLOCK_E: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
-        # One program per token: softmax in fp32, the K largest probabilities in descending order (as
-        # torch.topk), optionally divided by their sum, rounded to the logits' dtype (transformers' routers).
-        # Each round takes the largest remaining (probability, lowest index) with one max over packed keys:
-        # probabilities are non-negative, so their fp32 bits order like them.
-        token = tl.program_id(0)
-        offs = tl.arange(0, BLOCK_E)
-        valid = offs < E
-        z = tl.load(logits_ptr + token * E + offs, mask=valid, other=float("-inf")).to(tl.float32)
+        # One token's logits z (fp32, BLOCK_E lanes, `valid` the real experts): softmax in fp32, the K largest
+        # probabilities in descending order (as torch.topk), optionally divided by their sum, rounded to the
+        # weights' dtype (transformers' routers), stored at weights_ptr / ids_ptr (K each). Each round takes the
+        # largest remaining (probability, lowest index) with one max over packed keys: probabilities are
+        # non-negative, so their fp32 bits order like them.
+        z = tl.where(valid, z, float("-inf"))
         p = tl.exp(z - tl.max(z, axis=0))
         p = p / tl.sum(p, axis=0)
         keys = (p.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (BLOCK_E - 1 - offs).to(tl.int64)
@@ -423,10 +491,97 @@ if triton is not None:
         if RENORMALIZE:
             values = values / tl.sum(values, axis=0)
         kept = slots < K
-        tl.store(ids_ptr + token * K + slots, ids, mask=kept)
-        tl.store(weights_ptr + token * K + slots, values.to(weights_ptr.dtype.element_ty), mask=kept)
+        tl.store(ids_ptr + slots, ids, mask=kept)
+        tl.store(weights_ptr + slots, values.to(weights_ptr.dtype.element_ty), mask=kept)
+
+    @triton.jit
+    def _softmax_topk_kernel(
+        logits_ptr,
+        weights_ptr,
+        ids_ptr,
+        E,
+        K,
+        RENORMALIZE: tl.constexpr,
+        BLOCK_E: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        # One program per token: `_softmax_topk_row` of its logits.
+        token = tl.program_id(0)
+        offs = tl.arange(0, BLOCK_E)
+        valid = offs < E
+        z = tl.load(logits_ptr + token * E + offs, mask=valid, other=float("-inf")).to(tl.float32)
+        _softmax_topk_row(
+            z, offs, valid, weights_ptr + token * K, ids_ptr + token * K, K, RENORMALIZE, BLOCK_E, BLOCK_K
+        )
+
+    @triton.jit
+    def _normed_router_kernel(
+        h_ptr,
+        norm_w_ptr,
+        normed_ptr,
+        w_ptr,
+        logits_ptr,
+        weights_ptr,
+        ids_ptr,
+        arrivals_ptr,
+        H,
+        E,
+        K,
+        eps,
+        RENORMALIZE: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_E: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr = False,
+    ):
+        # A decode block's post-attention RMSNorm, router logits, softmax and top-k in one launch. Program
+        # (expert, token): normalise the token's hidden state h as `rms_norm` does (every program, from the
+        # 2 x H values in L2; program 0 also stores it for the experts' kernels), its expert's logit (fp32 sum,
+        # rounded to the logits' dtype like the GEMV), then count itself in arrivals[token]; the token's last
+        # program to arrive loads the E logits and runs `_softmax_topk_row` ("last program finishes", one
+        # launch instead of three), then zeroes the count for the next launch.
+        expert = tl.program_id(0)
+        token = tl.program_id(1)
+        offs = tl.arange(0, BLOCK_H)
+        mask = offs < H
+        # the weights before waiting for the previous kernel (constants: with PDL these loads overlap its end)
+        w = tl.load(w_ptr + expert * H + offs, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(norm_w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        wait_for_previous_kernel(PDL)
+        x = tl.load(h_ptr + token * H + offs, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / H + eps)
+        normed = (scale * (x * rstd).to(h_ptr.dtype.element_ty).to(tl.float32)).to(
+            normed_ptr.dtype.element_ty
+        )
+        if expert == 0:
+            tl.store(normed_ptr + token * H + offs, normed, mask=mask)
+        logit = tl.sum(w * normed.to(tl.float32), axis=0)
+        tl.store(logits_ptr + token * E + expert, logit.to(logits_ptr.dtype.element_ty))
+        # every thread's store before the count (the barrier), the count's release/acquire orders them for the
+        # last program, whose loads skip L1 (.cg)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(arrivals_ptr + token, 1, sem="acq_rel")
+        if arrived == E - 1:
+            offs_e = tl.arange(0, BLOCK_E)
+            valid = offs_e < E
+            z = tl.load(logits_ptr + token * E + offs_e, mask=valid, other=0.0, cache_modifier=".cg")
+            _softmax_topk_row(
+                z.to(tl.float32),
+                offs_e,
+                valid,
+                weights_ptr + token * K,
+                ids_ptr + token * K,
+                K,
+                RENORMALIZE,
+                BLOCK_E,
+                BLOCK_K,
+            )
+            tl.store(arrivals_ptr + token, 0)
 
 
+NORMED_ROUTER_WARPS = (
+    1  # warps per program of `_normed_router_kernel` (bench/decode_ops.py: 1, 2, 4, 8 measured)
+)
 ROUTER_BLOCK_E = 1  # experts per program of the router GEMV: one row each keeps every SM reading
 # transformers routers the fused one reproduces: softmax over all experts, top-k, then (always, or where the
 # router's `norm_topk_prob` says so) divided by the kept probabilities' sum.
@@ -473,16 +628,77 @@ def route(
     return logits, weights, ids
 
 
+def arrival_counts(device: torch.device | str, kind: str, n: int) -> torch.Tensor:
+    """n int32 counters, zero, for the kernels whose last program to arrive finishes the work
+    (`_normed_router_kernel`, `_down_pair_combine_kernel`; each zeroes its counter again). One tensor per
+    (device, kind, n), kept for the process's life: CUDA graphs captured with it keep its address."""
+    key = (str(device), kind, n)
+    counts = _ARRIVALS.get(key)
+    if counts is None:
+        counts = _ARRIVALS[key] = torch.zeros(n, dtype=torch.int32, device=device)
+    return counts
+
+
+_ARRIVALS: dict[tuple[str, str, int], torch.Tensor] = {}
+
+
+def route_normed(
+    h: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    num_warps: int = NORMED_ROUTER_WARPS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decode step's post-attention RMSNorm and router in one launch (`_normed_router_kernel`): h (T, H) with
+    T <= FUSED_MAX_TOKENS, the norm's weight and epsilon, the router's weight (E, H) -> the normalised h (T, H),
+    as `rms_norm.rms_norm` gives it, and `route`'s top-k weights and expert ids of it."""
+    tokens, hidden = h.shape
+    experts = weight.shape[0]
+    h = h.contiguous()
+    normed = torch.empty(h.shape, dtype=torch.promote_types(norm_weight.dtype, h.dtype), device=h.device)
+    logits = torch.empty(tokens, experts, dtype=normed.dtype, device=h.device)
+    weights = torch.empty(tokens, top_k, dtype=normed.dtype, device=h.device)
+    ids = torch.empty(tokens, top_k, dtype=torch.int64, device=h.device)
+    launch_pdl = pdl.use(h)
+    _normed_router_kernel[(experts, tokens)](
+        h,
+        norm_weight,
+        normed,
+        weight,
+        logits,
+        weights,
+        ids,
+        arrival_counts(h.device, "router", FUSED_MAX_TOKENS),
+        hidden,
+        experts,
+        top_k,
+        eps,
+        RENORMALIZE=renormalize,
+        BLOCK_H=triton.next_power_of_2(hidden),
+        BLOCK_E=triton.next_power_of_2(experts),
+        BLOCK_K=triton.next_power_of_2(top_k),
+        PDL=launch_pdl,
+        launch_pdl=launch_pdl,
+        num_warps=num_warps,
+    )
+    return normed, weights, ids
+
+
+def router_renormalizes(router: torch.nn.Module) -> bool:
+    """Whether a fusable router divides its top-k weights by their sum."""
+    renormalize = FUSED_ROUTER_CLASSES[type(router).__name__]
+    return bool(router.norm_topk_prob) if renormalize is None else renormalize
+
+
 def fused_router_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """A Qwen3 router's forward (set on the instance by the fast paths around decode steps and the graphed
     prefill): `route` where Triton runs, the class's forward otherwise."""
     x = hidden_states.reshape(-1, self.hidden_dim)
     if not triton_usable(x):
         return type(self).forward(self, hidden_states)
-    renormalize = FUSED_ROUTER_CLASSES[type(self).__name__]
-    if renormalize is None:
-        renormalize = bool(self.norm_topk_prob)
-    return route(x, self.weight, int(self.top_k), renormalize)
+    return route(x, self.weight, int(self.top_k), router_renormalizes(self))
 
 
 def triton_usable(x: torch.Tensor) -> bool:
@@ -499,13 +715,16 @@ def moe_fused(
     top_k_weights: torch.Tensor,
     split_down: bool | None = None,
     residual: torch.Tensor | None = None,
+    fold_combine: bool = True,
 ) -> torch.Tensor:
     """Triton version of `moe_reference` (same arguments and result up to fp32 summation order); with
     `residual` (M, H), residual + that result, each rounded as transformers' decoder blocks do (`decode_block`).
 
     `split_down`: the down projection one program per (pair, feature block), then `_combine_kernel` (one more
     launch, K times more programs reading weights), or `_down_kernel`, which walks a token's K experts in one
-    program. None: split from SPLIT_DOWN_MIN_PAIRS pairs on."""
+    program. None: split from SPLIT_DOWN_MIN_PAIRS pairs on. `fold_combine`: the split down projection's last
+    program per token and feature block combines (`_down_pair_combine_kernel`, one launch); False: the
+    separate combine kernel (the benchmark's comparison). Same sums either way."""
     m, k = top_k_index.shape
     hidden = x.shape[-1]
     inter = down.shape[-1]
@@ -516,6 +735,7 @@ def moe_fused(
     out = torch.empty(m, hidden, device=x.device, dtype=x.dtype)
     # Narrow row blocks: enough programs to keep every SM reading weights, even at top_k = 1.
     block_n = GATE_UP_BLOCK_N
+    launch_pdl = pdl.use(x)
     _gate_up_kernel[(m * k, triton.cdiv(inter, block_n))](
         x,
         gate_up,
@@ -526,6 +746,8 @@ def moe_fused(
         k,
         BLOCK_N=block_n,
         BLOCK_H=min(GATE_UP_BLOCK_H, triton.next_power_of_2(hidden)),
+        PDL=launch_pdl,
+        launch_pdl=launch_pdl,
         num_warps=GATE_UP_WARPS,
     )
     if split_down is None:
@@ -544,11 +766,35 @@ def moe_fused(
             HAS_RESIDUAL=residual is not None,
             BLOCK_N=SINGLE_DOWN_BLOCK_N,
             BLOCK_I=min(SINGLE_DOWN_BLOCK_I, triton.next_power_of_2(inter)),
+            PDL=launch_pdl,
+            launch_pdl=launch_pdl,
             num_warps=SINGLE_DOWN_WARPS,
         )
         return out
     y = torch.empty(m * k, hidden, device=x.device, dtype=x.dtype)
-    _down_pair_kernel[(m * k, triton.cdiv(hidden, DOWN_BLOCK_N))](
+    blocks = triton.cdiv(hidden, DOWN_BLOCK_N)
+    if fold_combine and m <= FUSED_MAX_TOKENS:
+        _down_pair_combine_kernel[(m * k, blocks)](
+            act,
+            down,
+            ids,
+            weights,
+            y,
+            out if residual is None else residual.contiguous(),
+            out,
+            arrival_counts(x.device, "combine", FUSED_MAX_TOKENS * blocks),
+            hidden,
+            inter,
+            k,
+            HAS_RESIDUAL=residual is not None,
+            BLOCK_N=DOWN_BLOCK_N,
+            BLOCK_I=256,
+            PDL=launch_pdl,
+            launch_pdl=launch_pdl,
+            num_warps=4,
+        )
+        return out
+    _down_pair_kernel[(m * k, blocks)](
         act, down, ids, y, hidden, inter, BLOCK_N=DOWN_BLOCK_N, BLOCK_I=256, num_warps=4
     )
     _combine(y, None, weights, out, round_product=False, residual=residual)

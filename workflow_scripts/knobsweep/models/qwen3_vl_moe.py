@@ -61,6 +61,7 @@ class Qwen3VLMoeAdapter(QwenVisionGridAdapter):
     supports_static_decode = True
     supports_fused_decode = True
     supports_static_prefill = True
+    supports_vision_graph = True
 
     def text_model(self) -> nn.Module:
         return self.model.model.language_model

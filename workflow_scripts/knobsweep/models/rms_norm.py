@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from knobsweep.models import pdl
+from knobsweep.models.pdl import wait_for_previous_kernel
+
 try:
     import triton
     import triton.language as tl
@@ -24,7 +27,8 @@ RMS_NORM_CLASSES = ("Qwen3VLMoeTextRMSNorm", "Qwen3MoeRMSNorm")
 if triton is not None:
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, N, eps, BLOCK: tl.constexpr):
+    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, N, eps, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+        wait_for_previous_kernel(PDL)
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < N
@@ -40,7 +44,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     n = x.shape[-1]
     x = x.contiguous()
     out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
-    _rms_norm_kernel[(x.numel() // n,)](x, weight, out, n, eps, BLOCK=triton.next_power_of_2(n), num_warps=4)
+    launch_pdl = pdl.use(x)
+    _rms_norm_kernel[(x.numel() // n,)](
+        x,
+        weight,
+        out,
+        n,
+        eps,
+        BLOCK=triton.next_power_of_2(n),
+        PDL=launch_pdl,
+        launch_pdl=launch_pdl,
+        num_warps=4,
+    )
     return out
 
 
