@@ -108,3 +108,21 @@ def test_run_aggregate_writes_json_and_rows(shards, tmp_path):
     assert len(load_cells(result)) == 16
     assert pq.read_metadata(out_rows).num_rows == 16 * 37
     assert not list(out_json.parent.glob(".*tmp"))  # no temporary file left behind
+
+
+def test_cells_measured_differently_are_listed_and_warned_about(tmp_path, caplog):
+    """Each record carries how its latencies were measured; a workload whose cells differ (here: a vision graph
+    that fell back in some cells) lists each setup with its cell count and logs a warning."""
+    rows = synthetic_rows(**GRID, n_samples=5, workloads=("qa",))
+    same = write_scored_shards(rows, tmp_path / "same")
+    result, _ = aggregate_cells(same, run="t", n_bootstrap=10, seed=0)
+    setup = {"device_name": "cpu", "inference_path": "eager", "vision_encoder": "as loaded"}
+    assert result["workloads"]["qa"]["measurement_setups"] == [{**setup, "n_cells": 8}]
+    assert all({k: r[k] for k in setup} == setup for r in result["cells"])
+    graphed = write_scored_shards(rows[rows["top_k"] == 1], tmp_path / "mixed", vision_encoder="graphed")
+    loaded = write_scored_shards(rows[rows["top_k"] == 4], tmp_path / "mixed")
+    with caplog.at_level("WARNING", logger="knobsweep.aggregate"):
+        result, _ = aggregate_cells(graphed + loaded, run="t", n_bootstrap=10, seed=0)
+    setups = result["workloads"]["qa"]["measurement_setups"]
+    assert sorted((s["vision_encoder"], s["n_cells"]) for s in setups) == [("as loaded", 4), ("graphed", 4)]
+    assert any("2 different ways" in r.getMessage() for r in caplog.records)

@@ -93,6 +93,36 @@ OOMS = {
 }
 
 
+def test_a_vision_graph_failing_mid_cell_is_recorded_in_the_provenance(
+    tiny_checkpoints, inputs, tmp_path, monkeypatch
+):
+    """The shard says how its requests ran the vision encoder (the vision stage's latency depends on it): as
+    loaded on the CPU; where a vision graph stops being usable part-way (`FastDecoding.vision_fallback`), that
+    the cell's first samples ran graphed and the rest as loaded, with the reason."""
+    provenance = run_job(tiny_checkpoints["qwen3_vl_moe"], inputs, tmp_path / "plain.parquet")
+    assert provenance["vision_encoder"] == "as loaded"
+    calls = []
+    real_load = models.load_model
+
+    def load(*args, **kwargs):
+        adapter = real_load(*args, **kwargs)
+        real_generate = adapter.generate
+
+        def generate(*a, **k):
+            calls.append(1)
+            return real_generate(*a, **k)
+
+        adapter.generate = generate
+        adapter.vision_encoder_mode = lambda: "graphed" if len(calls) < 3 else "as loaded: its capture failed"
+        return adapter
+
+    monkeypatch.setattr(models, "load_model", load)
+    out = tmp_path / "fallback.parquet"
+    provenance = run_job(tiny_checkpoints["qwen3_vl_moe"], inputs, out)
+    expected = "graphed, then from part-way through this cell as loaded: its capture failed"
+    assert provenance["vision_encoder"] == expected == io.read_parquet_metadata(out)["vision_encoder"]
+
+
 @pytest.mark.parametrize("kind", sorted(OOMS))
 @pytest.mark.parametrize("after", [0, 2], ids=["in-warmup", "mid-samples"])
 def test_out_of_memory_in_a_cell_raises_and_writes_nothing(

@@ -335,6 +335,10 @@ def test_a_vision_graph_that_cannot_be_used_falls_back_with_one_log_line(
 
         monkeypatch.setattr(fast_path, "vision_constants", wrong)
     adapter = _with_vision_graph(adapters["graph"], on=True)
+    assert (
+        adapter.vision_encoder_mode() == "graphed" and adapters["eager"].vision_encoder_mode() == "as loaded"
+    )
+    assert adapters["plain"].vision_encoder_mode() == "as loaded"  # a graph path with vision graphs off
     try:
         with caplog.at_level(logging.WARNING, logger=fast_path.__name__):
             for image in (0, 1, 0):
@@ -345,6 +349,9 @@ def test_a_vision_graph_that_cannot_be_used_falls_back_with_one_log_line(
         reason = "does not take its inputs" if fault == "unsupported" else "differs from the vision model's"
         assert reason in record.getMessage() and reason in adapter._fast.vision_fallback
         assert not adapter._fast.vision_graphs
+        assert (
+            adapter.vision_encoder_mode() == f"as loaded: {adapter._fast.vision_fallback}"
+        )  # shard provenance
     finally:
         _with_vision_graph(adapter, on=True)
 

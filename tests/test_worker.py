@@ -256,6 +256,7 @@ def test_cells_in_one_worker_equal_fresh_in_process_runs(inputs, reference, work
     assert all(p["overhead_s"]["client_s"] > 0 for p in provenances)
     # The path that ran ("auto" resolved in the worker; the plain path for now) is recorded.
     assert [p["inference_path"] for p in provenances] == ["eager"] * 4
+    assert [p["vision_encoder"] for p in provenances] == ["as loaded"] * 4
     status = only_worker(workdir)
     assert status["tasks"] == 5 and status["model_loaded"]
     log = next((workdir / "logs").glob("model_worker_*.log")).read_text()

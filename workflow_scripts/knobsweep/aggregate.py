@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -43,6 +44,13 @@ LATENCY_CI_METHOD = (
     "percentile, latency_pXX_tail_n of them at or above the estimate"
 )
 _CELL_FILE = re.compile(r"^vt(\d+)_k(\d+)_b(\d+)$")
+# Provenance entries that say how a cell's latencies were measured: the card, the inference path, and how its
+# requests ran the vision encoder (a vision graph may fall back to the forward as loaded). Cells compared on one
+# frontier should agree on them; they are recorded per cell, listed per workload, and a warning names the
+# setups where a workload's cells differ (latencies measured differently are not comparable).
+MEASUREMENT_KEYS: tuple[str, ...] = ("device_name", "inference_path", "vision_encoder")
+
+log = logging.getLogger(__name__)
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -230,6 +238,7 @@ def aggregate_cells(
             rec[f"{name}_ci_low"], rec[f"{name}_ci_high"] = float(low[i]), float(high[i])
         rec["shard"] = str(info["path"])
         rec["fingerprint"] = info["provenance"].get("fingerprint")
+        rec.update({k: info["provenance"].get(k) for k in MEASUREMENT_KEYS})
         records.append(rec)
 
     workloads = {}
@@ -238,10 +247,19 @@ def aggregate_cells(
         metrics_seen = sorted({r["quality_metric"] for r in records if r["workload"] == workload})
         if len(metrics_seen) != 1:
             raise ValueError(f"workload {workload!r}: cells use different quality metrics {metrics_seen}")
+        setups = _measurement_setups([r for r in records if r["workload"] == workload])
+        if len(setups) > 1:
+            log.warning(
+                "workload %r: its cells' latencies were measured in %d different ways %s: compare them with care",
+                workload,
+                len(setups),
+                setups,
+            )
         workloads[workload] = {
             "quality_metric": metrics_seen[0],
             "n_cells": len(sample_sets),
             "same_samples_in_every_cell": bool(sample_sets.nunique() == 1),
+            "measurement_setups": setups,
         }
     result = {
         "run": run,
@@ -255,6 +273,15 @@ def aggregate_cells(
         "cells": records,
     }
     return result, all_rows
+
+
+def _measurement_setups(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The distinct (MEASUREMENT_KEYS) setups of these cell records, each with its number of cells."""
+    counts: dict[str, int] = {}
+    for rec in records:
+        key = json.dumps({k: rec.get(k) for k in MEASUREMENT_KEYS}, sort_keys=True)
+        counts[key] = counts.get(key, 0) + 1
+    return [{**json.loads(key), "n_cells": n} for key, n in sorted(counts.items())]
 
 
 def load_cells(results: dict[str, Any] | str | os.PathLike) -> pd.DataFrame:

@@ -234,8 +234,10 @@ def cell_provenance(
     client_s: float | None = None,
     device_label: str | None = None,
     inference_path: str | None = None,
+    vision_encoder: str | None = None,
 ) -> dict[str, Any]:
-    """The shard's provenance. `overhead_s` says how the cell ran (model load, 0.0 when a model worker
+    """The shard's provenance. `vision_encoder`: how its requests ran the vision encoder
+    (`ModelAdapter.vision_encoder_mode`; the vision stage's latency depends on it), not fingerprinted. `overhead_s` says how the cell ran (model load, 0.0 when a model worker
     reused a loaded model; warm-up; samples; the job's wall time end to end) and is not fingerprinted.
     `device_label` is the device's name when it was read elsewhere (in the model worker)."""
     manifest_sha256 = io.sha256_file(manifest_path)
@@ -247,6 +249,7 @@ def cell_provenance(
         "device": device,
         "device_name": device_label if device_label is not None else device_name(device),
         "inference_path": inference_path,
+        "vision_encoder": vision_encoder,
         "library_versions": io.library_versions(),
         "code_version": {"inference": INFERENCE_CODE_VERSION, "git_commit": io.git_commit()},
         "fingerprint": cell_fingerprint(spec, manifest_sha256, importance_sha256, kept_blocks),
@@ -349,6 +352,7 @@ def run_loaded_cell(
     kept_blocks = select_blocks(importance["selection_score"], setting.active_blocks, **spec["blocks"])
     manifest = read_manifest(manifest_path)
     reset_random_state()
+    vision_before = adapter.vision_encoder_mode()
     rows = run_cell(
         adapter,
         manifest,
@@ -361,6 +365,10 @@ def run_loaded_cell(
         should_stop=should_stop,
     )
     rows.attrs["inference_path"] = adapter.inference_path  # "auto" resolved for this device
+    vision = adapter.vision_encoder_mode()
+    if vision != vision_before:  # a vision graph failed during this cell: its first samples ran graphed
+        vision = f"graphed, then from part-way through this cell {vision}"
+    rows.attrs["vision_encoder"] = vision
     return rows, tuple(kept_blocks)
 
 
@@ -381,6 +389,7 @@ def finish_cell(
     started: float,
     device_label: str | None = None,
     inference_path: str | None = None,
+    vision_encoder: str | None = None,
 ) -> dict[str, Any]:
     """Write the cell's shard with its provenance (`started`: time.monotonic() at the job's start).
     Returns the provenance."""
@@ -398,6 +407,7 @@ def finish_cell(
         client_s=time.monotonic() - started,
         device_label=device_label,
         inference_path=inference_path,
+        vision_encoder=vision_encoder,
     )
     write_shard(rows, out_path, provenance)
     log.info(
@@ -452,4 +462,5 @@ def run_cell_job(
         model_reused=False,
         started=started,
         inference_path=rows.attrs["inference_path"],
+        vision_encoder=rows.attrs["vision_encoder"],
     )

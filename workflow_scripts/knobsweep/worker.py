@@ -361,6 +361,7 @@ def run_cell_in_worker(
         started=started,
         device_label=result["device_name"],
         inference_path=result["inference_path"],
+        vision_encoder=result["vision_encoder"],
     )
 
 
@@ -654,6 +655,7 @@ class Worker:
                 "warmup_s": rows.attrs["warmup_s"],
                 "samples_s": rows.attrs["samples_s"],
                 "inference_path": rows.attrs["inference_path"],
+                "vision_encoder": rows.attrs["vision_encoder"],
             }
         importance = importance_of_loaded(
             self.adapter,

@@ -92,7 +92,12 @@ def synthetic_rows(
 
 
 def write_scored_shards(
-    rows: pd.DataFrame, run_dir: str | Path, *, model: str = "tiny-model", manifest: str = "manifest-v1"
+    rows: pd.DataFrame,
+    run_dir: str | Path,
+    *,
+    model: str = "tiny-model",
+    manifest: str = "manifest-v1",
+    vision_encoder: str = "as loaded",
 ) -> list[Path]:
     """Write rows as scored shards run_dir/scored/{workload}/vt{V}_k{K}_b{B}.parquet with metadata."""
     paths = []
@@ -121,6 +126,9 @@ def write_scored_shards(
                 "manifest": {"workload": workload, "n_eval": len(group)},
             },
             "fingerprint": f"{model}-{workload}-{v}-{k}-{b}",
+            "device_name": "cpu",
+            "inference_path": "eager",
+            "vision_encoder": vision_encoder,
         }
         table = pa.Table.from_pandas(
             group.dropna(axis=1, how="all").reset_index(drop=True), preserve_index=False

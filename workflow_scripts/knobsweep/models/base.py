@@ -371,6 +371,12 @@ class ModelAdapter:
         self.inference_path = chosen
         return chosen
 
+    def vision_encoder_mode(self) -> str:
+        """How requests run the vision encoder on this path, for the cells' provenance: "graphed" (replayed from
+        a CUDA graph per image grid, `fast_path.VisionGraph`) or "as loaded", with the reason after a colon where
+        a graph could not be used."""
+        return self._fast.vision_encoder_mode() if self._fast is not None else "as loaded"
+
     @contextmanager
     def knobs(
         self, top_k: int | None = None, active_blocks: Sequence[int] | None = None

@@ -474,6 +474,13 @@ class FastDecoding:
         self.pending_vision = (graph, grid)
         return True
 
+    def vision_encoder_mode(self) -> str:
+        """ "graphed" where this path replays the vision encoder per image grid, "as loaded" where it does not,
+        "as loaded: <why>" once a graph could not be used (`vision_fallback`)."""
+        if not (self.spec.vision_graph and self.adapter.supports_vision_graph):
+            return "as loaded"
+        return "graphed" if self.vision_fallback is None else f"as loaded: {self.vision_fallback}"
+
     def _new_vision_graph(
         self, visual: torch.nn.Module, key: tuple, grid: torch.Tensor, pixels: torch.Tensor
     ) -> VisionGraph:
