@@ -81,8 +81,19 @@ def _grid(results: Json, cells: pd.DataFrame, coupling: Json) -> list[str]:
             "e2_knob_grid_results.json."
         ),
         "",
+        "How the latencies were measured (card, inference path, vision encoder; from each shard's provenance):",
+        "",
     ]
-    return lines
+    for workload, info in sorted(results["workloads"].items()):
+        setups = info.get("measurement_setups") or []
+        described = "; ".join(
+            f"{s.get('device_name')}, `{s.get('inference_path')}`, vision encoder {s.get('vision_encoder')} "
+            f"({s['n_cells']} cell{'s' if s['n_cells'] != 1 else ''})"
+            for s in setups
+        )
+        differ = " **Its cells were measured in different ways: their latencies are not comparable.**"
+        lines.append(f"- {workload}: {described or 'not recorded'}.{differ if len(setups) > 1 else ''}")
+    return lines + [""]
 
 
 def _q1(coupling: Json) -> list[str]:
