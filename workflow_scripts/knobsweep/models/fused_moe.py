@@ -135,6 +135,26 @@ if triton is not None:
         tl.store(act_ptr + pair * INTER + offs_n, act.to(act_ptr.dtype.element_ty), mask=mask_n)
 
     @triton.jit
+    def _pair_down_projection(
+        act_ptr, w_ptr, pair, expert, offs_n, mask_n, H, INTER, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr
+    ):
+        # The down projection's rows offs_n of one (token, expert) pair's activation, summed in fp32 over
+        # BLOCK_I-wide column blocks.
+        base = w_ptr + expert * H * INTER
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for i0 in range(0, INTER, BLOCK_I):
+            offs_i = i0 + tl.arange(0, BLOCK_I)
+            mask_i = offs_i < INTER
+            a = tl.load(act_ptr + pair * INTER + offs_i, mask=mask_i, other=0.0).to(tl.float32)
+            w = tl.load(
+                base + offs_n[:, None] * INTER + offs_i[None, :],
+                mask=mask_n[:, None] & mask_i[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            acc += tl.sum(w * a[None, :], axis=1)
+        return acc
+
+    @triton.jit
     def _down_kernel(
         act_ptr,
         w_ptr,
@@ -161,18 +181,9 @@ if triton is not None:
             pair = token * K + j
             expert = tl.load(ids_ptr + pair).to(tl.int64)
             weight = tl.load(weights_ptr + pair).to(tl.float32)
-            base = w_ptr + expert * H * INTER
-            part = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for i0 in range(0, INTER, BLOCK_I):
-                offs_i = i0 + tl.arange(0, BLOCK_I)
-                mask_i = offs_i < INTER
-                a = tl.load(act_ptr + pair * INTER + offs_i, mask=mask_i, other=0.0).to(tl.float32)
-                w = tl.load(
-                    base + offs_n[:, None] * INTER + offs_i[None, :],
-                    mask=mask_n[:, None] & mask_i[None, :],
-                    other=0.0,
-                ).to(tl.float32)
-                part += tl.sum(w * a[None, :], axis=1)
+            part = _pair_down_projection(
+                act_ptr, w_ptr, pair, expert, offs_n, mask_n, H, INTER, BLOCK_N, BLOCK_I
+            )
             acc += part.to(out_ptr.dtype.element_ty).to(tl.float32) * weight
         _store_output(acc, residual_ptr, out_ptr, token * H + offs_n, mask_n, HAS_RESIDUAL)
 
@@ -186,18 +197,7 @@ if triton is not None:
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < H
         expert = tl.load(ids_ptr + pair).to(tl.int64)
-        base = w_ptr + expert * H * INTER
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for i0 in range(0, INTER, BLOCK_I):
-            offs_i = i0 + tl.arange(0, BLOCK_I)
-            mask_i = offs_i < INTER
-            a = tl.load(act_ptr + pair * INTER + offs_i, mask=mask_i, other=0.0).to(tl.float32)
-            w = tl.load(
-                base + offs_n[:, None] * INTER + offs_i[None, :],
-                mask=mask_n[:, None] & mask_i[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            acc += tl.sum(w * a[None, :], axis=1)
+        acc = _pair_down_projection(act_ptr, w_ptr, pair, expert, offs_n, mask_n, H, INTER, BLOCK_N, BLOCK_I)
         tl.store(y_ptr + pair * H + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
 
     @triton.jit
@@ -227,18 +227,7 @@ if triton is not None:
         offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < H
         expert = tl.load(ids_ptr + pair).to(tl.int64)
-        base = w_ptr + expert * H * INTER
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for i0 in range(0, INTER, BLOCK_I):
-            offs_i = i0 + tl.arange(0, BLOCK_I)
-            mask_i = offs_i < INTER
-            a = tl.load(act_ptr + pair * INTER + offs_i, mask=mask_i, other=0.0).to(tl.float32)
-            w = tl.load(
-                base + offs_n[:, None] * INTER + offs_i[None, :],
-                mask=mask_n[:, None] & mask_i[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            acc += tl.sum(w * a[None, :], axis=1)
+        acc = _pair_down_projection(act_ptr, w_ptr, pair, expert, offs_n, mask_n, H, INTER, BLOCK_N, BLOCK_I)
         tl.store(y_ptr + pair * H + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
         token = pair // K
         counter = arrivals_ptr + token * tl.num_programs(1) + block
