@@ -65,8 +65,9 @@ def run_job(checkpoint, inputs, out: Path, spec=SPEC):
     )
 
 
-def failing_generate(monkeypatch, error: BaseException, after: int) -> list:
-    """Make every adapter load_model returns raise `error` on its (after+1)-th generate call."""
+def counted_generate(monkeypatch, before=None, setup=None) -> list:
+    """Every adapter load_model returns records its generate calls (their vision_tokens) in the returned list;
+    `before(calls)` runs after each is recorded (it may raise), `setup(adapter, calls)` once per adapter."""
     calls = []
     real_load = models.load_model
 
@@ -76,15 +77,27 @@ def failing_generate(monkeypatch, error: BaseException, after: int) -> list:
 
         def generate(*a, **k):
             calls.append(k.get("vision_tokens"))
-            if len(calls) > after:
-                raise error
+            if before is not None:
+                before(calls)
             return real_generate(*a, **k)
 
         adapter.generate = generate
+        if setup is not None:
+            setup(adapter, calls)
         return adapter
 
     monkeypatch.setattr(models, "load_model", load)
     return calls
+
+
+def failing_generate(monkeypatch, error: BaseException, after: int) -> list:
+    """Make every adapter load_model returns raise `error` on its (after+1)-th generate call."""
+
+    def before(calls: list) -> None:
+        if len(calls) > after:
+            raise error
+
+    return counted_generate(monkeypatch, before=before)
 
 
 OOMS = {
@@ -101,22 +114,11 @@ def test_a_vision_graph_failing_mid_cell_is_recorded_in_the_provenance(
     the cell's first samples ran graphed and the rest as loaded, with the reason."""
     provenance = run_job(tiny_checkpoints["qwen3_vl_moe"], inputs, tmp_path / "plain.parquet")
     assert provenance["vision_encoder"] == "as loaded"
-    calls = []
-    real_load = models.load_model
 
-    def load(*args, **kwargs):
-        adapter = real_load(*args, **kwargs)
-        real_generate = adapter.generate
-
-        def generate(*a, **k):
-            calls.append(1)
-            return real_generate(*a, **k)
-
-        adapter.generate = generate
+    def setup(adapter, calls: list) -> None:
         adapter.vision_encoder_mode = lambda: "graphed" if len(calls) < 3 else "as loaded: its capture failed"
-        return adapter
 
-    monkeypatch.setattr(models, "load_model", load)
+    counted_generate(monkeypatch, setup=setup)
     out = tmp_path / "fallback.parquet"
     provenance = run_job(tiny_checkpoints["qwen3_vl_moe"], inputs, out)
     expected = "graphed, then from part-way through this cell as loaded: its capture failed"
