@@ -20,7 +20,15 @@ Parts, each in its own try block; the JSON is rewritten (tmp file + os.replace) 
   CUDA-event `total` and of the wall time; setting-change and warm-up wall s; overhead = setting change +
   warm-up; cell GPU time = n_eval x mean total; overhead ratio = overhead / cell GPU time (target <= 10 %).
 - repeatability: |P95 pass 2 - P95 pass 1| / P95 pass 1 per setting and workload (target <= 3 %), same for
-  the median, and each stage's P95 difference in ms (which stage moved).
+  the median, and each stage's P95 difference in ms (which stage moved); before each cell's timed requests a
+  `--host-probe-s` run of `bench.host_probe` records how steady the host CPU was (P95 / median of a fixed
+  pure-Python workload): small cells are host-bound, and a host that stalls moves their tails.
+- worker amortisation (`summary.worker_amortisation`): a model worker's one-time costs (the full load estimate +
+  per top-k value of the grid the largest first-pass excess of a setting change over the same setting's second
+  pass: Triton compilation, library initialisation) spread over the real run's cells, plus the worst second-pass
+  (warm) cell's own overhead ratio.
+  The built model is frozen out of the garbage collector as the workflow's `load_adapter` does it
+  (`--no-gc-freeze` leaves it in, to measure what that saves).
 - `--profile-changes`: each setting change under cProfile, its functions that took >= 1 % of it by cumulative
   time in the cell's `setting_change_profile` (Triton compilation, graph captures, first-use initialisation:
   where a worker's first cells spend their seconds; the profiler slows Python code, so compare the split, not
@@ -65,9 +73,11 @@ from typing import Self
 import numpy as np
 import torch
 import yaml
+from knobsweep.cells import keep_out_of_garbage_collection
 
 from bench import keeps_torch_state, run_header, save_json
 from bench.fast_path_check import build_adapter, image, kept
+from bench.host_probe import probe as host_probe
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_CONFIG = ROOT / "config" / "qwen3_vl_30b_a3b.yaml"
@@ -123,6 +133,7 @@ def real_config(path: Path) -> dict:
             "max_new_tokens_config": {w: int(workloads[w]["max_new_tokens"]) for w in ("qa", "captioning")},
             "warmup": int(config["inference"]["warmup"]),
             "cells_per_run": cells,
+            "top_k_values": len(grid["top_k"]),
         }
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path}: missing field {e} (need workloads.qa/captioning, grid, inference)") from e
@@ -387,6 +398,8 @@ def run_cell(adapter, setting: dict, kind: str, args, real: dict, img, device: s
             request()
         sync(device)
         row["warmup_s"] = time.monotonic() - t0
+        if args.host_probe_s > 0:
+            row["host_probe"] = host_probe(args.host_probe_s)
         n = args.n if kind == "qa" else args.n_captioning
         totals, walls, tokens, stages, gc_ms, gc_full = [], [], [], [], [], []
         with GcPauses() as pauses:
@@ -474,6 +487,8 @@ def repeatability(cells: list[dict]) -> list[dict]:
                 "p95_ci95_rel_halfwidth": [
                     (x["p95_ci95"][1] - x["p95_ci95"][0]) / 2 / x["p95"] for x in (a, b)
                 ],
+                # How steady the host was just before each pass's timed requests (bench.host_probe).
+                "host_p95_over_median": [x.get("host_probe", {}).get("p95_over_median") for x in (one, two)],
                 # Which stage moved the P95: pass 2 - pass 1, ms per stage.
                 "stage_p95_diff_ms": {
                     stage: two["stage_p95_ms"][stage] - one["stage_p95_ms"][stage]
@@ -549,6 +564,50 @@ def load_amortisation(result: dict) -> None:
             c["slurm_overhead_ratio"] = job_s / c["cell_gpu_s"]
 
 
+def worker_amortisation(result: dict) -> dict:
+    """A model worker's one-time costs spread over a real run, as the workflow runs it (one worker, one model load
+    for all of a run's cells). A setting's one-time part is how much longer its first pass's setting change took
+    than its second's (the second finds the kernels compiled and the libraries initialised, and captures its
+    graphs again: the knob changed in between). Triton compiles kernels specialised per top-k, so a worker pays
+    that once per top-k value: bound = full load estimate + the grid's top-k values x the largest one-time part
+    (the worker's first cell's, which also initialises libraries). Spread over the run's cells, each taken as the
+    smallest measured cell's GPU time (larger cells dilute it more), and added to the largest overhead ratio of a
+    second-pass cell (a warm worker's steady state): the worst cell of a run with its share of the one-time costs."""
+    cells = [c for c in result["cells"] if "overhead_ratio" in c]
+    load_s = result.get("load", {}).get("full_load_s_estimate")
+    if not cells or load_s is None:
+        return {}
+    changes = {(c["pass"], c["setting"], c["kind"]): c["setting_change_s"] for c in cells}
+    first_pass = [c for c in cells if c["pass"] == 1]
+    one_time = {
+        f"{c['setting']} {c['kind']}": max(
+            0.0, c["setting_change_s"] - changes.get((2, c["setting"], c["kind"]), 0.0)
+        )
+        for c in first_pass
+    }
+    steady = [c["overhead_ratio"] for c in cells if c["pass"] == 2] or [
+        c["overhead_ratio"] for c in first_pass[1:]
+    ]
+    top_k_values = result["real_config"]["top_k_values"]
+    one_time_bound_s = load_s + top_k_values * max(one_time.values())
+    cells_per_run = result["real_config"]["cells_per_run"]
+    smallest_cell_gpu_s = min(c["cell_gpu_s"] for c in cells)
+    share = one_time_bound_s / (cells_per_run * smallest_cell_gpu_s)
+    worst_steady = max(steady, default=0.0)
+    return {
+        "load_s_estimate": load_s,
+        "one_time_s": one_time,
+        "top_k_values": top_k_values,
+        "one_time_bound_s": one_time_bound_s,
+        "cells_per_run": cells_per_run,
+        "smallest_cell_gpu_s": smallest_cell_gpu_s,
+        "one_time_share_per_cell_ratio": share,
+        "max_steady_cell_overhead_ratio": worst_steady,
+        "worst_cell_ratio": share + worst_steady,
+        "within_target": share + worst_steady <= OVERHEAD_TARGET,
+    }
+
+
 def print_tables(result: dict) -> None:
     load = result.get("load", {})
     if "load_s" in load:
@@ -582,6 +641,17 @@ def print_tables(result: dict) -> None:
         "a cell as its own job, as on SLURM = (full load + the first cell's change + warm-up) / the same)"
     )
     summary = result.get("summary", {})
+    worker = summary.get("worker_amortisation")
+    if worker:
+        print(
+            f"\none model worker for the run: one-time <= {worker['one_time_bound_s']:.1f} s (load estimate "
+            f"{worker['load_s_estimate']:.1f} s + {worker['top_k_values']} top-k values x the largest first-pass "
+            f"excess {max(worker['one_time_s'].values()):.1f} s) over {worker['cells_per_run']} cells of >= "
+            f"{worker['smallest_cell_gpu_s']:.1f} s GPU time = {100 * worker['one_time_share_per_cell_ratio']:.2f}% "
+            f"per cell; + the worst warm cell's {100 * worker['max_steady_cell_overhead_ratio']:.2f}% = "
+            f"{100 * worker['worst_cell_ratio']:.2f}% ({'within' if worker['within_target'] else 'OVER'} the "
+            f"{OVERHEAD_TARGET:.0%} target)"
+        )
     if result.get("repeatability"):
         print(f"\nrepeatability (|P95 pass 2 - pass 1| / pass 1, target <= {REPEAT_TARGET:.0%})")
         for r in result["repeatability"]:
@@ -589,7 +659,9 @@ def print_tables(result: dict) -> None:
                 f"  {r['setting']:<16} {r['kind']:<10} P95 {100 * r['p95_rel_diff']:6.2f}%  "
                 f"median {100 * r['median_rel_diff']:6.2f}%  {'ok' if r['p95_within_target'] else 'OVER'}  "
                 f"(P95 95% CI +-{100 * max(r['p95_ci95_rel_halfwidth']):.0f}%"
-                f"{', overlapping' if r['p95_within_sampling_noise'] else ', apart'})  "
+                f"{', overlapping' if r['p95_within_sampling_noise'] else ', apart'}; host P95/median "
+                + "/".join("-" if h is None else f"{h:.2f}" for h in r["host_p95_over_median"])
+                + ")  "
                 + " ".join(f"{k} {v:+.1f}" for k, v in r["stage_p95_diff_ms"].items())
                 + (" (stage P95s, pass 2 - pass 1, ms)" if r["stage_p95_diff_ms"] else "")
             )
@@ -619,6 +691,7 @@ def summarise(result: dict) -> dict:
         "overhead_within_target": all(c["overhead_ratio"] <= OVERHEAD_TARGET for c in cells)
         if cells
         else None,
+        "worker_amortisation": worker_amortisation(result),
         "max_p95_rel_diff": max((r["p95_rel_diff"] for r in rep), default=None),
         "repeatability_within_target": all(r["p95_within_target"] for r in rep) if rep else None,
         "monotonicity_pairs": len(mono),
@@ -650,6 +723,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--settings", nargs="+", default=None, help="e.g. vt1872_k8_b48 vt288_k1_b16")
     p.add_argument("--config", type=Path, default=REAL_CONFIG, help="the real run's config (n_eval, grid)")
     p.add_argument("--inference-path", default="auto", help="model.inference_path of the emulated cells")
+    p.add_argument(
+        "--host-probe-s",
+        type=float,
+        default=0.5,
+        help="seconds of bench.host_probe before each cell's timed requests (0: none): how steady the host was",
+    )
+    p.add_argument(
+        "--no-gc-freeze",
+        dest="gc_freeze",
+        action="store_false",
+        help="leave the built model in the garbage collector's generations (the workflow freezes it out after "
+        "loading, `knobsweep.cells.keep_out_of_garbage_collection`): to measure what that saves",
+    )
     p.add_argument(
         "--profile-changes",
         action="store_true",
@@ -711,6 +797,8 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             t0 = time.monotonic()
             adapter = build_adapter(args.tiny, args.device, Path(tmp))
+            if args.gc_freeze:
+                keep_out_of_garbage_collection()  # as the workflow's load_adapter does
             from knobsweep.models.fast_path import resolve_inference_path
 
             resolved = resolve_inference_path(adapter, args.inference_path)
@@ -769,6 +857,7 @@ def main(argv: list[str] | None = None) -> dict:
                         )
                     save()
         del adapter
+        gc.unfreeze()  # the caller's process goes on (the tests run this in-process)
         free_memory(args.device)
 
     for name, fn in (("repeatability", repeatability), ("monotonicity", monotonicity)):

@@ -32,6 +32,8 @@ def run(tmp_path_factory) -> tuple[dict, dict]:
             "3",
             "--warmup",
             "1",
+            "--host-probe-s",
+            "0.05",
             "--load-blocks",
             "2",
             "--settings",
@@ -88,6 +90,22 @@ def test_overhead_ratio_is_the_formula(run):
     assert result["summary"]["max_slurm_overhead_ratio"] == pytest.approx(max(ratios))
 
 
+def test_worker_amortisation_is_the_formula(run):
+    _, result = run
+    worker = result["summary"]["worker_amortisation"]
+    cells = result["cells"]
+    change = {(c["pass"], c["setting"], c["kind"]): c["setting_change_s"] for c in cells}
+    excess = [max(0.0, change[(1, s, k)] - change[(2, s, k)]) for (p, s, k) in change if p == 1]
+    assert len(excess) == len(SETTINGS) * 2
+    one_time = result["load"]["full_load_s_estimate"] + 6 * max(excess)  # the real grid's 6 top-k values
+    share = one_time / (2 * 7 * 6 * 8 * min(c["cell_gpu_s"] for c in cells))
+    steady = max(c["overhead_ratio"] for c in cells if c["pass"] == 2)
+    assert worker["one_time_bound_s"] == pytest.approx(one_time)
+    assert worker["worst_cell_ratio"] == pytest.approx(share + steady)
+    assert worker["within_target"] == (share + steady <= 0.10)
+    assert gc.get_freeze_count() == 0  # the benchmark unfroze what it froze: this process goes on
+
+
 def test_repeatability_recomputed_from_the_passes(run):
     _, result = run
     p95 = {(c["pass"], c["setting"], c["kind"]): c["total"]["p95"] for c in result["cells"]}
@@ -108,6 +126,12 @@ def test_repeatability_recomputed_from_the_passes(run):
             for c in result["cells"]
             if c["setting"] == r["setting"] and c["kind"] == r["kind"]
         }
+        probes = {
+            c["pass"]: c["host_probe"]["p95_over_median"]
+            for c in result["cells"]
+            if c["setting"] == r["setting"] and c["kind"] == r["kind"]
+        }
+        assert r["host_p95_over_median"] == [probes[1], probes[2]]
         assert set(r["stage_p95_diff_ms"]) == {"preprocess", "vision", "prefill", "decode"}
         for stage, diff in r["stage_p95_diff_ms"].items():
             assert diff == pytest.approx(stages[2][stage] - stages[1][stage])
@@ -217,3 +241,31 @@ def test_p95_interval_reflects_the_samples_spread():
     (lo_s, hi_s), (lo_l, hi_l) = p95_interval(small), p95_interval(large)
     assert lo_s <= np.percentile(small, 95) <= hi_s and lo_l <= np.percentile(large, 95) <= hi_l
     assert (hi_s - lo_s) / np.percentile(small, 95) > 0.1 > (hi_l - lo_l) / np.percentile(large, 95)
+
+
+def test_host_probe_finds_stalled_iterations(monkeypatch):
+    """bench.host_probe on a fake clock: iterations of 0.5 ms, three of them 2 ms (two in a row, then one)."""
+    from bench import host_probe
+
+    slow = {10, 11, 30}
+    state = {"now": 0.0, "calls": 0}
+
+    def clock() -> float:
+        # calls: the deadline, then per iteration its start (t0) and its end (t1)
+        state["calls"] += 1
+        calls = state["calls"]
+        if calls > 1 and calls % 2 == 1:  # an iteration's end
+            iteration = (calls - 3) // 2
+            state["now"] += 0.002 if iteration in slow else 0.0005
+        elif calls > 1:
+            state["now"] += 0.0005  # between iterations
+        return state["now"]
+
+    monkeypatch.setattr(host_probe.time, "perf_counter", clock)
+    result = host_probe.probe(0.05)
+    # 42 iterations of 1 ms (0.5 timed + 0.5 between) and 3 of 2.5 ms end at 49.5 ms; the next would start at 50
+    assert result["iterations"] == 45
+    assert result["median_ms"] == pytest.approx(0.5)
+    assert result["max_ms"] == pytest.approx(2.0)
+    assert result["stalled_fraction"] == pytest.approx(3 / 45)
+    assert len(result["stall_starts_s"]) == 2  # two runs of stalled iterations

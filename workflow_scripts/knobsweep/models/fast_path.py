@@ -594,7 +594,8 @@ def capture_graph(
     graph = torch.cuda.CUDAGraph()
     # No garbage collection during the capture: in the GPU tests a collection there (of dropped decoders'
     # objects; which one's destruction was not pinned down, a lone CUDAGraph's is harmless) invalidated it.
-    # torch no longer collects before capturing; do it here.
+    # Collect first to free dropped decoders' memory (torch 2.11 collects here too, newer torch only under
+    # TORCH_CUDAGRAPH_GC); cheap where the loaded model is frozen out (`cells.keep_out_of_garbage_collection`).
     gc.collect()
     gc.disable()
     try:
