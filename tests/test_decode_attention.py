@@ -316,6 +316,33 @@ def test_fused_modules_install_and_remove_only_their_own_forwards():
         assert all("forward" not in m.__dict__ for m in modules) and "forward" in hooked.__dict__
 
 
+def test_regional_compile_switches_every_module_but_the_fused_ones_on_and_off():
+    """RegionalCompile.enable sets a compiled call on each RMSNorm and MLP except those with a fused decode forward
+    (skipped), the same object at every enable; disable leaves every module with nn.Module's default again."""
+    from knobsweep.models.fast_path import FusedModules, RegionalCompile
+
+    model = build_model(make_config(tiny=True), "cpu", dtype=torch.float32)
+    lm = model.model.language_model
+    layers = list(lm.layers)
+    fused = FusedModules(layers, [layer.mlp.gate for layer in layers], final_norm=lm.norm)
+    regional = RegionalCompile(lm, layers)
+    skip = fused.decode_modules()
+    assert any(id(m) in skip for m in regional.modules) and any(id(m) not in skip for m in regional.modules)
+    first = None
+    for _ in range(2):
+        regional.enable(skip)
+        calls = [m._compiled_call_impl for m in regional.modules if id(m) not in skip]
+        assert all(call is not None for call in calls)
+        assert all(m._compiled_call_impl is None for m in regional.modules if id(m) in skip)
+        assert first is None or all(a is b for a, b in zip(calls, first, strict=True))
+        first = calls
+        regional.disable()
+        assert all(
+            m._compiled_call_impl is None and "_compiled_call_impl" not in m.__dict__
+            for m in regional.modules
+        )
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(TEST_DEVICE == "cuda", reason="on a GPU the fast-path tests run these kernels compiled")
 def test_decode_kernels_equal_transformers_in_the_interpreter():

@@ -39,7 +39,11 @@ if TYPE_CHECKING:
 #    gate/up GEMM's epilogue) on pairs put in expert order by Triton kernels (`expert_order`); their decode
 #    steps' RMSNorms are Triton kernels too (`rms_norm`, transformers' rounding), not compiled ones.
 # 7: on CUDA the image is resized on the GPU (`resize_on_device`, torchvision), not by PIL on the host.
-INFERENCE_CODE_VERSION = "8"
+# 8: the fused paths' decode steps run folded kernels launched with PDL; the vision encoder is replayed from a
+#    CUDA graph per image grid (qwen3_vl_moe).
+# 9: the fused paths' forwards are switched on and off around each decode without nn.Module.__setattr__ (less
+#    host time in every request).
+INFERENCE_CODE_VERSION = "9"
 
 SHARD_COLUMNS = (
     "workload",
