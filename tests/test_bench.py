@@ -362,3 +362,15 @@ def test_preprocess_benchmark_on_cpu(tmp_path):
         assert parts <= row["stage"]["mean"] * 1.01 + 0.05  # the parts are inside the stage's clock
     assert len(result["repeatability"]) == 2
     assert all(d["max_abs"] <= 2 for d in result["pixel_difference"]["64"])
+
+
+def test_module_switch_counts_every_fused_and_regional_module():
+    """bench.module_switch times the switch over all of a model's modules: per block an attention, a router, the
+    block itself and 4 RMSNorms (input, post-attention, q, k) fused, plus the final norm; RegionalCompile holds
+    every RMSNorm and each block's MLP."""
+    from bench.module_switch import main as module_switch
+
+    result = module_switch(["--blocks", "3", "--cycles", "5"])
+    assert result["fused_modules"] == 3 * 3 + 4 * 3 + 1
+    assert result["regional_modules"] == (4 * 3 + 1) + 3
+    assert 0 < result["median_us"] <= result["p95_us"]
