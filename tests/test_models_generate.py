@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 import torch
 from conftest import TINY_FAMILIES, make_image
 from knobsweep.models import STAGES, GenerationResult
+from knobsweep.timing import StageTimer
 
 CASES = [
     ((64, 48), "What color is the circle?"),
@@ -83,3 +86,77 @@ def test_generate_rejects_bad_requests(tiny_adapters, family):
         adapter.generate(image, "x", vision_tokens=16, max_new_tokens=0)
     with pytest.raises(ValueError, match="as many images as prompts"):
         adapter.generate_batch([image], ["a", "b"], vision_tokens=16, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_prefill_gets_the_positions_generate_computes_from_the_moved_inputs(tiny_adapters, family):
+    # The adapter computes them from the processor's host tensors, before they move to the device.
+    adapter = tiny_adapters[family]
+    image, prompt = make_image(64, 48), "What color is the circle?"
+    seen = []
+    handle = adapter.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["position_ids"]), with_kwargs=True
+    )
+    try:
+        adapter.generate(image, prompt, vision_tokens=24, max_new_tokens=1)
+    finally:
+        handle.remove()
+    inputs = adapter.move_inputs(adapter.prepare_inputs([image], [prompt], 24))
+    extra = {k: v for k, v in inputs.items() if k != "input_ids"}
+    expected = adapter.model._prepare_position_ids_for_generation(inputs["input_ids"], extra)
+    (positions,) = seen
+    assert positions.device == expected.device
+    assert torch.equal(positions, expected)
+
+
+class _RecordingTimer(StageTimer):
+    """A StageTimer that keeps the order of its marks and the intervals read from it."""
+
+    made: ClassVar[list[_RecordingTimer]] = []
+
+    def __init__(self, device) -> None:
+        super().__init__(device)
+        self.order, self.read = [], []
+        _RecordingTimer.made.append(self)
+
+    def mark(self, name: str) -> None:
+        super().mark(name)
+        self.order.append(name)
+
+    def elapsed_ms(self, start: str, end: str) -> float:
+        self.read.append((start, end))
+        return super().elapsed_ms(start, end)
+
+
+@pytest.mark.parametrize("ahead", [0, 1])
+@pytest.mark.parametrize("ends", [(1, 3, 2), (0, 0, 0)], ids=["rows end apart", "all end at the prefill"])
+def test_decoding_ahead_keeps_the_tokens_and_times_only_the_steps_needed(
+    tiny_adapters, monkeypatch, ahead, ends
+):
+    adapter = tiny_adapters["qwen3_vl_moe"]
+    images = [make_image(w, h, seed=i) for i, ((w, h), _) in enumerate(CASES)]
+    prompts = [p for _, p in CASES]
+    reference = [
+        r.token_ids for r in adapter.generate_batch(images, prompts, vision_tokens=16, max_new_tokens=8)
+    ]
+    # Rows end early: the tokens they gave at steps `ends` now end a sequence.
+    eos = adapter.eos_token_ids() | {row[end] for row, end in zip(reference, ends, strict=True)}
+    expected = [
+        row[: next(i for i, t in enumerate(row) if t in eos or i == len(row) - 1) + 1] for row in reference
+    ]
+    last = max(len(row) for row in expected) - 1
+    monkeypatch.setattr(adapter, "eos_token_ids", lambda: eos)
+    monkeypatch.setattr(adapter, "_eos_tensors", {})
+    monkeypatch.setattr(adapter, "_decode_steps_ahead", lambda device: ahead)
+    monkeypatch.setattr("knobsweep.models.base.StageTimer", _RecordingTimer)
+    _RecordingTimer.made.clear()
+    results = adapter.generate_batch(images, prompts, vision_tokens=16, max_new_tokens=8)
+    assert [r.token_ids for r in results] == expected
+    (timer,) = _RecordingTimer.made
+    # One step launched past the last one needed when deciding ahead, none otherwise (each launched step marks
+    # its token); the decode stage ends at the last step needed.
+    launched = min(last + ahead, 7)
+    assert [m for m in timer.order if m.startswith("token_")] == [
+        f"token_{s}" for s in range(1, launched + 1)
+    ]
+    assert ("prefill_end", f"token_{last}" if last else "prefill_end") in timer.read

@@ -263,7 +263,10 @@ def test_knobs_hold_under_every_experts_implementation(tiny_checkpoints, tiny_ad
         with adapter.knobs(**knobs):
             got = adapter.generate_batch(images, PROMPTS[:2], vision_tokens=VISION_TOKENS, max_new_tokens=4)
             logits = adapter.model(**_inputs(adapter, n=2), use_cache=False).logits
-        assert (logits - expected_logits).abs().max().item() < 1e-4, implementation
+        # Float32 in another summation order: on an H200 batched_mm's logits were 1.03e-4 from grouped_mm's (the
+        # largest logit ~5); a knob an implementation ignored moves them by O(0.1).
+        tolerance = 1e-4 * max(1.0, expected_logits.abs().max().item())
+        assert (logits - expected_logits).abs().max().item() < tolerance, implementation
         assert [r.token_ids for r in got] == [r.token_ids for r in expected], implementation
 
 

@@ -43,7 +43,9 @@ if TYPE_CHECKING:
 #    CUDA graph per image grid (qwen3_vl_moe).
 # 9: the fused paths' forwards are switched on and off around each decode without nn.Module.__setattr__ (less
 #    host time in every request).
-INFERENCE_CODE_VERSION = "9"
+# 10: the prompt's positions are computed on the host in the preprocess stage (no longer in the prefill's); on
+#    CUDA the decode loop launches one step ahead of reading whether any row still runs.
+INFERENCE_CODE_VERSION = "10"
 
 SHARD_COLUMNS = (
     "workload",

@@ -32,6 +32,12 @@ class StageTimer:
         else:
             self._marks[name] = time.perf_counter()
 
+    def wait(self, name: str) -> None:
+        """Block the host until the device has reached mark `name` (on the CPU it has already)."""
+        mark = self._marks[name]
+        if self.uses_cuda_events:
+            mark.synchronize()
+
     def has(self, name: str) -> bool:
         return name in self._marks
 

@@ -74,6 +74,31 @@ class GenerationResult:
     token_ids: list[int] = field(default_factory=list)
 
 
+def _token_mark(step: int) -> str:
+    """The `StageTimer` mark after generated token `step` (0: the prefill's)."""
+    return "prefill_end" if step == 0 else f"token_{step}"
+
+
+class _RowsRunning:
+    """After each generated token, whether any row of the batch still runs, read back without making the GPU
+    wait for the host: each flag is copied to pinned host memory as soon as its token is computed, before the
+    token's timer mark, and reading it waits for that mark only, not for steps launched since."""
+
+    def __init__(self, max_new_tokens: int, device: torch.device, timer: StageTimer) -> None:
+        self.timer = timer
+        self.flags = torch.empty(max_new_tokens, dtype=torch.bool, pin_memory=device.type == "cuda")
+
+    def record(self, step: int, unfinished: torch.Tensor) -> None:
+        """Copy the flag of token `step` and mark the token on the timer."""
+        self.flags[step].copy_(unfinished.any(), non_blocking=True)
+        self.timer.mark(_token_mark(step))
+
+    def after(self, step: int) -> bool:
+        """Whether any row still ran after token `step`."""
+        self.timer.wait(_token_mark(step))
+        return bool(self.flags[step])
+
+
 class KnobError(ValueError):
     """An invalid knob value (top_k, active_blocks or vision_tokens)."""
 
@@ -251,6 +276,7 @@ class ModelAdapter:
         self.inference_path: str = "eager"
         self._fast: FastDecoding | None = None
         self.logit_log: list[torch.Tensor] | None = None  # diagnostics, see _log_logits
+        self._eos_tensors: dict[torch.device, torch.Tensor] = {}  # see _eos_on
 
     # ---- family hooks -------------------------------------------------------------------------------
     @classmethod
@@ -512,6 +538,13 @@ class ModelAdapter:
             eos = getattr(self.processor, "tokenizer", self.processor).eos_token_id
         return set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
 
+    def _eos_on(self, device: torch.device) -> torch.Tensor:
+        """`eos_token_ids()` as a tensor on `device`, made once: a host-to-device copy inside the prefill's clock
+        would wait for the GPU."""
+        if device not in self._eos_tensors:
+            self._eos_tensors[device] = torch.tensor(sorted(self.eos_token_ids()), device=device)
+        return self._eos_tensors[device]
+
     def pad_token_id(self) -> int:
         pad = self.model.generation_config.pad_token_id
         if pad is None:
@@ -561,14 +594,17 @@ class ModelAdapter:
         with host_stage(device, timings, "preprocess"):
             inputs = self.prepare_inputs(images, prompts, vision_tokens)
             counts = self.vision_tokens_of(inputs)
+            position_ids = self.prompt_positions(inputs).to(device, non_blocking=True)
             inputs = self.move_inputs(inputs)
 
         timer = StageTimer(device)
-        generated = self._greedy(inputs, max_new_tokens, timer)
+        generated = self._greedy(inputs, position_ids, max_new_tokens, timer)
         vision_ms = timer.elapsed_ms("vision_start", "vision_end") if timer.has("vision_start") else 0.0
         timings["vision"] = vision_ms
         timings["prefill"] = timer.elapsed_ms("prefill_start", "prefill_end") - vision_ms
-        timings["decode"] = timer.elapsed_ms("prefill_end", "decode_end")
+        # Up to the step that gave the last row its last token (a step launched ahead after that is not counted).
+        last_token = max(len(ids) for ids in generated) - 1
+        timings["decode"] = timer.elapsed_ms("prefill_end", _token_mark(last_token))
         timings["ttft"] = timings["preprocess"] + timings["vision"] + timings["prefill"]
         timings["total"] = timings["ttft"] + timings["decode"]
 
@@ -589,6 +625,14 @@ class ModelAdapter:
             )
         return results
 
+    def prompt_positions(self, inputs: Any) -> torch.Tensor:
+        """The prompt's position ids as `generate()` computes them (3D M-RoPE for the Qwen families), from the
+        processor's output before it moves to the device: its token types and image grids are host tensors there,
+        where on the device the same computation waits for the GPU ~11 times a request (`.tolist()`, `.item()`)."""
+        tensors = {key: value for key, value in inputs.items() if isinstance(value, torch.Tensor)}
+        extra = {key: value for key, value in tensors.items() if key != "input_ids"}
+        return self.model._prepare_position_ids_for_generation(tensors["input_ids"], extra)
+
     def move_inputs(self, inputs: Any) -> dict[str, torch.Tensor]:
         """Processor output as a dict of tensors on the model's device, floating tensors in its dtype."""
         moved = {}
@@ -602,24 +646,31 @@ class ModelAdapter:
         return moved
 
     def _greedy(
-        self, inputs: dict[str, torch.Tensor], max_new_tokens: int, timer: StageTimer
+        self,
+        inputs: dict[str, torch.Tensor],
+        position_ids: torch.Tensor,
+        max_new_tokens: int,
+        timer: StageTimer,
     ) -> list[list[int]]:
+        """Token ids per row, each up to and including its first eos. Marks `prefill_start`, `prefill_end` (token
+        0) and `_token_mark(s)` after decode step s on `timer`."""
         model = self.model
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         batch = input_ids.shape[0]
         # A fast path's decoder (static cache, CUDA graph) is set up before the prefill's clock starts: a
         # one-off per knob setting and cache length, like loading the model.
-        decoder = self._fast.decoder(inputs, max_new_tokens) if self._fast and max_new_tokens > 1 else None
+        decoder = (
+            self._fast.decoder(inputs, position_ids, max_new_tokens)
+            if self._fast and max_new_tokens > 1
+            else None
+        )
         static_prefill = decoder is not None and decoder.prepare_prefill(inputs)
         if self._fast:
             self._fast.prepare_vision(inputs)  # the vision encoder's graph for this image grid, likewise
-        timer.mark("prefill_start")  # cache and position set-up are part of the prefill
-        eos = torch.tensor(sorted(self.eos_token_ids()), device=input_ids.device)
+        eos = self._eos_on(input_ids.device)
+        timer.mark("prefill_start")  # the cache's set-up is part of the prefill
         pad = self.pad_token_id()
         cache = self.new_cache()
-        # The positions generate() would use (3D M-RoPE for the Qwen families), computed the same way.
-        extra = {k: v for k, v in inputs.items() if k != "input_ids"}
-        position_ids = model._prepare_position_ids_for_generation(input_ids, dict(extra))
         prefill_kernels = self._fast.prefill_kernels(decoder) if self._fast else nullcontext()
         with self._timed_vision(timer), prefill_kernels:
             out = model(
@@ -637,15 +688,17 @@ class ModelAdapter:
         elif decoder is not None:
             decoder.load_prefill(cache, attention_mask)
             del cache
-        timer.mark("prefill_end")
-
-        unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
         tokens = [next_tokens]
-        unfinished &= ~torch.isin(next_tokens, eos)
+        unfinished = ~torch.isin(next_tokens, eos)
+        running = _RowsRunning(max_new_tokens, input_ids.device, timer)
+        running.record(0, unfinished)  # marks prefill_end
+        ahead = self._decode_steps_ahead(input_ids.device)
         last_position = position_ids[..., -1:]
         step = 0
         with decoder.kernels() if decoder is not None else nullcontext():
-            while step + 1 < max_new_tokens and bool(unfinished.any()):
+            while step + 1 < max_new_tokens:
+                if step >= ahead and not running.after(step - ahead):
+                    break
                 step += 1
                 if decoder is not None:
                     logits = decoder.step(next_tokens, last_position + step, step)
@@ -663,20 +716,26 @@ class ModelAdapter:
                 next_tokens = logits.argmax(dim=-1)
                 next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
                 tokens.append(next_tokens)
-                unfinished &= ~torch.isin(next_tokens, eos)
-        timer.mark("decode_end")
+                unfinished = unfinished & ~torch.isin(next_tokens, eos)
+                running.record(step, unfinished)
 
-        all_tokens = torch.stack(tokens, dim=1).tolist()
-        eos_set = self.eos_token_ids()
-        generated = []
-        for row in all_tokens:
+        eos_ids, generated = self.eos_token_ids(), []
+        for row in torch.stack(tokens, dim=1).tolist():
             ids = []
             for t in row:
                 ids.append(t)
-                if t in eos_set:
+                if t in eos_ids:
                     break
             generated.append(ids)
         return generated
+
+    def _decode_steps_ahead(self, device: torch.device) -> int:
+        """How many decode steps the loop launches before it reads whether any row still runs. On CUDA one: it
+        decides on step s from the rows running after token s - 2 while step s - 1 is in flight, so the GPU does
+        not wait for the host between steps (on an H200 a small cell's step waited ~0.1-0.3 ms for it); a step
+        launched after every row has finished only writes padding and falls outside the decode stage's clock.
+        On the CPU, and while diagnostics log every step's logits, none: no step is computed in vain."""
+        return 1 if device.type == "cuda" and self.logit_log is None else 0
 
     def _log_logits(self, logits: torch.Tensor) -> None:
         """Diagnostics (`logit_log` set to a list): every step's logits, float32 on the CPU. Synchronises."""

@@ -550,8 +550,11 @@ class FastDecoding:
                 del text.forward  # back to the class's forward
                 decoder.pending_prefill = None
 
-    def decoder(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> StaticDecoder:
-        """The decoder for this request's batch and cache length, built (and captured) if new."""
+    def decoder(
+        self, inputs: dict[str, torch.Tensor], position_ids: torch.Tensor, max_new_tokens: int
+    ) -> StaticDecoder:
+        """The decoder for this request's batch and cache length, built (and captured) if new; `position_ids`
+        (the prompt's) give the shape and dtype of the decode positions (3D M-RoPE for the Qwen families)."""
         input_ids = inputs["input_ids"]
         batch, prompt_tokens = input_ids.shape
         key = (batch, cache_length(prompt_tokens, max_new_tokens))
@@ -560,11 +563,8 @@ class FastDecoding:
             return self.decoders[key]
         while len(self.decoders) >= MAX_DECODERS:
             self.decoders.popitem(last=False)[1].release()
-        # Only the shape and dtype of the decode positions are needed here (3D M-RoPE for the Qwen families).
-        extra = {k: v for k, v in inputs.items() if k != "input_ids"}
-        positions = self.adapter.model._prepare_position_ids_for_generation(input_ids, extra)
         decoder = StaticDecoder(
-            self.adapter, self.spec, batch, key[1], positions[..., -1:], self.regional, self.fused_modules
+            self.adapter, self.spec, batch, key[1], position_ids[..., -1:], self.regional, self.fused_modules
         )
         self.decoders[key] = decoder
         return decoder
