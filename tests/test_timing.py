@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
+from conftest import TEST_DEVICE
 from knobsweep.timing import StageTimer, host_stage
 
 
@@ -28,3 +30,16 @@ def test_host_stage_records_milliseconds():
     with host_stage("cpu", out, "preprocess"):
         time.sleep(0.01)
     assert 5 <= out["preprocess"] <= 500
+
+
+def test_wait_returns_once_the_device_has_reached_the_mark():
+    timer = StageTimer(TEST_DEVICE)
+    x = torch.randn(1024, 1024, device=TEST_DEVICE)
+    for _ in range(20):  # queued device work before the mark
+        x = x @ x / 32
+    timer.mark("after")
+    timer.wait("after")
+    if timer.uses_cuda_events:
+        assert timer._marks["after"].query()
+    with pytest.raises(KeyError, match="no mark named 'z'; marks: \\['after'\\]"):
+        timer.wait("z")

@@ -32,9 +32,14 @@ class StageTimer:
         else:
             self._marks[name] = time.perf_counter()
 
+    def _get(self, name: str) -> torch.cuda.Event | float:
+        if name not in self._marks:
+            raise KeyError(f"StageTimer: no mark named {name!r}; marks: {sorted(self._marks)}")
+        return self._marks[name]
+
     def wait(self, name: str) -> None:
         """Block the host until the device has reached mark `name` (on the CPU it has already)."""
-        mark = self._marks[name]
+        mark = self._get(name)
         if self.uses_cuda_events:
             mark.synchronize()
 
@@ -43,10 +48,7 @@ class StageTimer:
 
     def elapsed_ms(self, start: str, end: str) -> float:
         """Milliseconds from mark `start` to mark `end` (waits for `end` on CUDA)."""
-        for name in (start, end):
-            if name not in self._marks:
-                raise KeyError(f"StageTimer: no mark named {name!r}; marks: {sorted(self._marks)}")
-        first, last = self._marks[start], self._marks[end]
+        first, last = self._get(start), self._get(end)
         if self.uses_cuda_events:
             last.synchronize()
             return float(first.elapsed_time(last))
