@@ -15,6 +15,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from types import MethodType
 
 import pytest
 import torch
@@ -296,7 +297,7 @@ def test_vision_graphs_survive_knob_changes_and_stay_few(adapters, monkeypatch):
     _with_vision_graph(adapter, on=True)
 
 
-def test_the_instance_forward_is_removed_when_the_prefill_fails(adapters, monkeypatch):
+def test_the_instance_methods_are_removed_when_the_prefill_fails(adapters, monkeypatch):
     adapter = adapters["graph"]
     visual, model = adapter.model.model.visual, adapter.model.model
 
@@ -305,13 +306,141 @@ def test_the_instance_forward_is_removed_when_the_prefill_fails(adapters, monkey
         raise RuntimeError("prefill failed after the vision encoder")
 
     with monkeypatch.context() as patch:
-        patch.setattr(type(model), "get_placeholder_mask", fail)
+        patch.setattr(fast_path, "placeholder_masks", fail)
         with pytest.raises(RuntimeError, match="prefill failed after the vision encoder"):
             _generate(adapter, 0)
-    assert "forward" not in visual.__dict__ and adapter._fast.pending_vision is None
+    assert "forward" not in visual.__dict__ and "get_placeholder_mask" not in model.__dict__
+    assert adapter._fast.pending_vision is None
     expected, _ = _generate(adapters["eager"], 0)
     got, _ = _generate(adapter, 0)
     assert got.token_ids == expected.token_ids
+
+
+def test_the_prefill_reads_the_host_grid_and_masks_placeholders_without_the_device_check(
+    adapters, monkeypatch
+):
+    """Through a vision graph, transformers' forward gets the processor's own (host) grid tensor and the placeholder
+    masks of `placeholder_masks`, once per request, and the class's method is back afterwards; with the vision
+    encoder as loaded it gets the moved grid and transformers' masks."""
+    model_class = type(adapters["graph"].model.model)
+    grids, masks, processed = [], [], []
+    features, placeholder_masks = model_class.get_image_features, fast_path.placeholder_masks
+    prepare = type(adapters["graph"]).prepare_inputs
+    monkeypatch.setattr(
+        model_class,
+        "get_image_features",
+        lambda self, pixels, grid=None, **kw: grids.append(grid) or features(self, pixels, grid, **kw),
+    )
+    monkeypatch.setattr(
+        fast_path, "placeholder_masks", lambda *a, **kw: masks.append(a) or placeholder_masks(*a, **kw)
+    )
+    monkeypatch.setattr(
+        type(adapters["graph"]),
+        "prepare_inputs",
+        lambda *a, **kw: processed.append(prepare(*a, **kw)) or processed[-1],
+    )
+    # On the CPU the move returns the processor's tensors themselves: copies, to tell them apart.
+    move = type(adapters["graph"]).move_inputs
+    monkeypatch.setattr(
+        type(adapters["graph"]),
+        "move_inputs",
+        lambda *a, **kw: {key: value.clone() for key, value in move(*a, **kw).items()},
+    )
+    for image in (0, 1):
+        expected, _ = _generate(adapters["plain"], image)
+        assert grids[-1] is not processed[-1]["image_grid_thw"] and len(masks) == image  # the moved grid
+        got, _ = _generate(adapters["graph"], image)
+        assert got.token_ids == expected.token_ids
+        assert grids[-1] is processed[-1]["image_grid_thw"] and grids[-1].device.type == "cpu"
+        assert (
+            len(masks) == image + 1 and "get_placeholder_mask" not in adapters["graph"].model.model.__dict__
+        )
+
+
+@torch.inference_mode()
+def test_placeholder_masks_equal_transformers_masks(vision_adapters):
+    adapter = vision_adapters["eager"]
+    model = adapter.model.model
+    w, h, seed = IMAGES[0]
+    inputs = adapter.move_inputs(adapter.prepare_inputs([make_image(w, h, seed)], ["What?"], VISION_TOKENS))
+    input_ids = torch.cat([inputs["input_ids"], inputs["input_ids"].flip(1)])  # two rows, placeholders apart
+    embeds = model.get_input_embeddings()(input_ids)
+    image_tokens = int((input_ids == model.config.image_token_id).sum())
+    assert image_tokens == 2 * adapter.vision_tokens_of(inputs)[0]
+    features = torch.zeros(image_tokens, embeds.shape[-1], device=embeds.device)
+    for ids in (input_ids, None):  # without input_ids: transformers' own (compares embeddings)
+        got = fast_path.placeholder_masks(model, ids, embeds, image_features=features)
+        expected = model.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=features)
+        for a, b in zip(got, expected, strict=True):
+            assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+        assert int(got[0].sum()) == image_tokens
+
+
+def test_a_prompt_whose_placeholders_do_not_match_the_image_is_refused(vision_adapters):
+    """The graph paths skip transformers' device-side count check: the host checks it when the inputs are made."""
+    adapter = vision_adapters["eager"]
+    image = make_image(*IMAGES[1][:2], IMAGES[1][2])
+    inputs = adapter.prepare_inputs([image], ["What?"], VISION_TOKENS)  # checks and passes
+    ids = inputs["input_ids"][0]
+    first = int((ids == adapter.model.config.image_token_id).nonzero()[0])
+    ids[first] = adapter.pad_token_id()
+    count = adapter.vision_tokens_of(inputs)[0]
+    with pytest.raises(
+        RuntimeError, match=f"prompt 0 holds {count - 1} image placeholder tokens for an image of {count}"
+    ):
+        adapter.check_counts([image], inputs, VISION_TOKENS)
+
+
+@pytest.mark.parametrize("missing", [None, "host grid", "placeholder masks"])
+def test_transformers_prefill_forward_reads_nothing_from_the_device_with_the_host_grid_and_masks(
+    tiny_checkpoints, missing
+):
+    """What the graph paths give transformers' multimodal forward (on the meta device every host read of device
+    data fails): with the processor's host grid and `placeholder_masks` it runs up to the language model without
+    one; without either it does not (the check can fail). The vision model runs with its precomputed inputs, as
+    in a VisionGraph."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    config = AutoConfig.from_pretrained(tiny_checkpoints[FAMILY], local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config).model
+    visual, merge = model.visual, config.vision_config.spatial_merge_size
+    grid = torch.tensor([[1, 6, 10], [1, 4, 4]])
+    tokens = int(grid.prod(-1).sum()) // merge**2
+    constants = {
+        key: value if key == "cu_seqlens" else value.to("meta")
+        for key, value in vision_constants(visual, grid).items()
+    }
+    visual.forward = lambda pixels, grid_thw=None, **kw: type(visual).forward(
+        visual, pixels, grid_thw=grid_thw, **kw, **constants
+    )
+    received = {}
+
+    def language_model(**kwargs):
+        received.update(kwargs)
+        return BaseModelOutputWithPast(last_hidden_state=kwargs["inputs_embeds"])
+
+    model.language_model.forward = language_model
+    if missing != "placeholder masks":
+        model.get_placeholder_mask = MethodType(fast_path.placeholder_masks, model)
+    input_ids = torch.full((1, tokens + 7), 5, device="meta")
+    vision = config.vision_config
+    patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    pixels = torch.empty(int(grid.prod(-1).sum()), patch, device="meta")
+    arguments = {
+        "input_ids": input_ids,
+        "pixel_values": pixels,
+        "image_grid_thw": grid.to("meta") if missing == "host grid" else grid,
+        "position_ids": torch.zeros(3, 1, tokens + 7, dtype=torch.long, device="meta"),
+    }
+    if missing is None:
+        model(**arguments)
+        assert received["inputs_embeds"].shape == (1, tokens + 7, config.text_config.hidden_size)
+        assert len(received["deepstack_visual_embeds"]) == len(config.vision_config.deepstack_visual_indexes)
+    else:
+        with pytest.raises((RuntimeError, NotImplementedError)):
+            model(**arguments)
 
 
 @pytest.mark.parametrize("fault", ["unsupported", "wrong_output"])

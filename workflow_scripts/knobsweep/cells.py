@@ -45,7 +45,9 @@ if TYPE_CHECKING:
 #    host time in every request).
 # 10: the prompt's positions are computed on the host in the preprocess stage (no longer in the prefill's); on
 #    CUDA the decode loop launches one step ahead of reading whether any row still runs.
-INFERENCE_CODE_VERSION = "10"
+# 11: through a vision graph the prefill reads the image grid on the host and skips transformers' device-side
+#     placeholder count check (checked on the host instead): no wait for the GPU inside the prefill.
+INFERENCE_CODE_VERSION = "11"
 
 SHARD_COLUMNS = (
     "workload",

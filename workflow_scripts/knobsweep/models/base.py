@@ -592,13 +592,13 @@ class ModelAdapter:
         self.check_vision_tokens(vision_tokens)
         device, timings = self.device, {}
         with host_stage(device, timings, "preprocess"):
-            inputs = self.prepare_inputs(images, prompts, vision_tokens)
-            counts = self.vision_tokens_of(inputs)
-            position_ids = self.prompt_positions(inputs).to(device, non_blocking=True)
-            inputs = self.move_inputs(inputs)
+            processed = self.prepare_inputs(images, prompts, vision_tokens)
+            counts = self.vision_tokens_of(processed)
+            position_ids = self.prompt_positions(processed).to(device, non_blocking=True)
+            inputs = self.move_inputs(processed)
 
         timer = StageTimer(device)
-        generated = self._greedy(inputs, position_ids, max_new_tokens, timer)
+        generated = self._greedy(inputs, position_ids, max_new_tokens, timer, processed)
         vision_ms = timer.elapsed_ms("vision_start", "vision_end") if timer.has("vision_start") else 0.0
         timings["vision"] = vision_ms
         timings["prefill"] = timer.elapsed_ms("prefill_start", "prefill_end") - vision_ms
@@ -651,9 +651,11 @@ class ModelAdapter:
         position_ids: torch.Tensor,
         max_new_tokens: int,
         timer: StageTimer,
+        processed: Any,
     ) -> list[list[int]]:
         """Token ids per row, each up to and including its first eos. Marks `prefill_start`, `prefill_end` (token
-        0) and `_token_mark(s)` after decode step s on `timer`."""
+        0) and `_token_mark(s)` after decode step s on `timer`. `processed`: the processor's output before the move
+        to the device (`inputs`), where the fast path reads the image grids without waiting for the GPU."""
         model = self.model
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         batch = input_ids.shape[0]
@@ -664,9 +666,12 @@ class ModelAdapter:
             if self._fast and max_new_tokens > 1
             else None
         )
-        static_prefill = decoder is not None and decoder.prepare_prefill(inputs)
-        if self._fast:
-            self._fast.prepare_vision(inputs)  # the vision encoder's graph for this image grid, likewise
+        static_prefill = decoder is not None and decoder.prepare_prefill(inputs, processed)
+        # The vision encoder's graph for this image grid, likewise. It stands in for the vision forward, so the
+        # grid's one other reader in the prefill (transformers' split of the features per image) gets the host
+        # copy: no wait for the GPU there.
+        if self._fast and self._fast.prepare_vision(inputs, processed):
+            inputs = {**inputs, "image_grid_thw": processed["image_grid_thw"]}
         eos = self._eos_on(input_ids.device)
         timer.mark("prefill_start")  # the cache's set-up is part of the prefill
         pad = self.pad_token_id()

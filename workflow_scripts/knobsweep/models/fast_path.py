@@ -70,6 +70,9 @@ next to the decoder's), checked once against the forward as loaded, kept across 
 depend on them; at most `MAX_VISION_GRAPHS`, the least recently used dropped first), and shares one memory pool
 with the adapter's other vision graphs. During the prefill the vision model's forward is replaced on the instance
 (the module's hooks, which time the vision stage, still run): the vision stage is the pixel copy and the replay.
+The prefill then takes the processor's host copy of the grid (transformers splits the features per image by
+it, `.tolist()`) and the placeholder masks without transformers' device-side count check (`placeholder_masks`;
+checked on the host, `check_counts`): with them, transformers' forward no longer waits for the GPU.
 A vision model whose forward does not take those inputs, or a graph that fails to build or differs from the
 forward as loaded, leaves the forward as loaded on that path, with one log line (`vision_fallback`).
 
@@ -351,10 +354,10 @@ class StaticDecoder:
         self.graph = None
 
     # ---- per request -------------------------------------------------------------------------------
-    def prepare_prefill(self, inputs: dict[str, torch.Tensor]) -> bool:
-        """Before the request's clock: the graphed prefill for this prompt's buckets, captured if new (one host
-        synchronisation to count the image tokens). False where the prefill stays the plain path's (paths
-        without it, families without support, batches of more than one row)."""
+    def prepare_prefill(self, inputs: dict[str, torch.Tensor], processed: Any) -> bool:
+        """Before the request's clock: the graphed prefill for this prompt's buckets, captured if new; the image
+        tokens are counted on the processor's host output (`processed`). False where the prefill stays the plain
+        path's (paths without it, families without support, batches of more than one row)."""
         self.pending_prefill = None
         adapter = self.adapter
         if not (self.spec.static_prefill and adapter.supports_static_prefill and self.batch == 1):
@@ -366,7 +369,7 @@ class StaticDecoder:
             return False
         prompt_tokens = inputs["input_ids"].shape[1]
         # Image tokens matter only for DeepStack's buffers (Qwen3-VL).
-        image_tokens = sum(adapter.vision_tokens_of(inputs)) if _deepstack_depth(adapter) else 0
+        image_tokens = sum(adapter.vision_tokens_of(processed)) if _deepstack_depth(adapter) else 0
         key = (_round_up(prompt_tokens + 1, PREFILL_BUCKET), _round_up(image_tokens, IMAGE_BUCKET))
         if key[0] > self.max_len:
             return False
@@ -444,16 +447,17 @@ class FastDecoding:
             decoder.release()
         self.decoders.clear()
 
-    def prepare_vision(self, inputs: dict[str, torch.Tensor]) -> bool:
+    def prepare_vision(self, inputs: dict[str, torch.Tensor], processed: Any) -> bool:
         """Before the request's clock: the vision graph for this request's image grid, built (and on graph paths
-        captured) if new; one host synchronisation to read the grid. False where the vision encoder runs as
-        loaded: paths without vision graphs, families without `supports_vision_graph`, requests without images
+        captured) if new. The grid is the processor's host tensor (`processed`): the prefill then passes it to the
+        model instead of the moved copy (`vision_forward` expects that one). False where the vision encoder runs
+        as loaded: paths without vision graphs, families without `supports_vision_graph`, requests without images
         or with videos, and after a fallback (`vision_fallback`)."""
         self.pending_vision = None
         adapter = self.adapter
         if not (self.spec.vision_graph and adapter.supports_vision_graph) or self.vision_fallback is not None:
             return False
-        pixels, grid = inputs.get("pixel_values"), inputs.get("image_grid_thw")
+        pixels, grid = inputs.get("pixel_values"), processed.get("image_grid_thw")
         if pixels is None or grid is None or inputs.get("pixel_values_videos") is not None:
             return False
         key = tuple(tuple(int(v) for v in row) for row in grid.tolist())
@@ -465,7 +469,8 @@ class FastDecoding:
             reason = vision_graph_support(visual)
             if reason is None:
                 try:
-                    graph = self._new_vision_graph(visual, key, grid, pixels)
+                    # Built and checked with the moved grid: its precomputed inputs belong on the device.
+                    graph = self._new_vision_graph(visual, key, inputs["image_grid_thw"], pixels)
                 except Exception as error:  # noqa: BLE001 - the plain forward is correct, only slower: logged
                     reason = f"its graph for image grid {list(key)} failed ({type(error).__name__}: {error})"
             if reason is not None:
@@ -515,19 +520,24 @@ class FastDecoding:
 
     @contextmanager
     def vision_forward(self) -> Iterator[None]:
-        """The vision model's forward replaced on the instance by the prepared VisionGraph's for one prefill (the
-        module's hooks, which time the vision stage, still run), then the class's forward again."""
+        """For one prefill: the vision model's forward replaced on the instance by the prepared VisionGraph's (the
+        module's hooks, which time the vision stage, still run), and the multimodal model's `get_placeholder_mask`
+        by `placeholder_masks` (the count it checks on the device was checked on the host: `check_counts`); then
+        the classes' methods again."""
         pending, self.pending_vision = self.pending_vision, None
         if pending is None:
             yield
             return
         graph, grid = pending
+        multimodal = self.adapter.model.model
         graph.expected_grid = grid
         graph.visual.forward = graph.forward
+        multimodal.get_placeholder_mask = MethodType(placeholder_masks, multimodal)
         try:
             yield
         finally:
             del graph.visual.forward  # back to the class's forward
+            del multimodal.get_placeholder_mask
             graph.expected_grid = None
 
     @contextmanager
@@ -975,6 +985,26 @@ class VisionGraph:
                 scale = max(scale, float(b.float().abs().nan_to_num(nan=math.inf).max()))
                 error = max(error, float((a.float() - b.float()).abs().nan_to_num(nan=math.inf).max()))
         return error / scale if scale > 0 else error
+
+
+def placeholder_masks(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor,
+    image_features: torch.Tensor | None = None,
+    video_features: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3-VL's `get_placeholder_mask` (the image and video placeholders' masks, (batch, tokens, 1)) without its
+    check that the placeholders match the features in number: on the device that check and its error message,
+    formatted before the check, each wait for the GPU. The graph paths check the count on the host before the
+    request (`QwenVisionGridAdapter.check_counts`). Without `input_ids`: transformers' own."""
+    if input_ids is None:
+        return type(model).get_placeholder_mask(
+            model, input_ids, inputs_embeds, image_features, video_features
+        )
+    image = (input_ids == model.config.image_token_id).unsqueeze(-1)
+    video = (input_ids == model.config.video_token_id).unsqueeze(-1)
+    return image.to(inputs_embeds.device), video.to(inputs_embeds.device)
 
 
 class CompileOnFirstCall:

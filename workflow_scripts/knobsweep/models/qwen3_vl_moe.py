@@ -19,8 +19,10 @@ the image tokens before the first kept block). The visual features are never dro
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
+from PIL import Image
 from torch import nn
 
 from knobsweep.models.base import ModelAdapter
@@ -52,6 +54,20 @@ class QwenVisionGridAdapter(ModelAdapter):
     def vision_tokens_of(self, inputs: Any) -> list[int]:
         merge = int(self._image_processor().merge_size)
         return (inputs["image_grid_thw"].prod(dim=-1) // merge**2).tolist()
+
+    def check_counts(self, images: Sequence[Image.Image], inputs: Any, vision_tokens: int) -> None:
+        """Also: each prompt holds one image placeholder per vision token, which transformers checks again on the
+        device where the graph paths do not (`fast_path.placeholder_masks`). One image per prompt."""
+        super().check_counts(images, inputs, vision_tokens)
+        placeholders = (inputs["input_ids"] == self.model.config.image_token_id).sum(dim=1).tolist()
+        for row, (count, expected) in enumerate(
+            zip(placeholders, self.vision_tokens_of(inputs), strict=True)
+        ):
+            if count != expected:
+                raise RuntimeError(
+                    f"{self.family}: prompt {row} holds {count} image placeholder tokens for an image of "
+                    f"{expected} vision tokens (the chat template or the processor's expansion of the image token)"
+                )
 
 
 class Qwen3VLMoeAdapter(QwenVisionGridAdapter):
