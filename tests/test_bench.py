@@ -374,3 +374,44 @@ def test_module_switch_counts_every_fused_and_regional_module():
     assert result["fused_modules"] == 3 * 3 + 4 * 3 + 1
     assert result["regional_modules"] == (4 * 3 + 1) + 3
     assert 0 < result["median_us"] <= result["p95_us"]
+
+
+def test_capture_syncs_counts_synchronisation_warnings_by_the_stack_that_raised_them():
+    """bench.request_syncs' collector on the CPU, fed the warning torch's sync debug mode raises: two from one
+    call site and one from another give two stacks counted 2 and 1, each naming its caller; other warnings are not
+    counted, and the warnings machinery is restored afterwards."""
+    import warnings
+
+    from bench.request_syncs import capture_syncs
+
+    def drain():
+        warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+
+    def read_twice():
+        for _ in range(2):
+            drain()
+
+    def read_once():
+        drain()
+
+    show = warnings.showwarning
+    with capture_syncs() as stacks:
+        read_twice()
+        read_once()
+        warnings.warn("something else", UserWarning, stacklevel=1)
+    assert warnings.showwarning is show
+    assert sorted(stacks.values()) == [1, 2]
+    (twice,) = [s for s, n in stacks.items() if n == 2]
+    (once,) = [s for s, n in stacks.items() if n == 1]
+    assert twice.startswith("tests/test_bench.py:") and ":drain <- tests/test_bench.py:" in twice
+    assert ":read_twice" in twice.split(" <- ")[1] and ":read_once" in once.split(" <- ")[1]
+
+
+def test_request_syncs_runs_on_cpu_and_counts_nothing(tmp_path):
+    from bench.request_syncs import main as request_syncs
+
+    out = tmp_path / "syncs.json"
+    result = request_syncs(["--tiny", "--device", "cpu", "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+    assert [(r["kind"], r["syncs"]) for r in result["rows"]] == [("qa", None), ("captioning", None)]
+    assert result["counted"] is False and all(r["output_tokens"] >= 1 for r in result["rows"])
