@@ -13,6 +13,7 @@ from snakemake.utils import validate
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow_scripts"))
 
 from knobsweep import config as ks_config
+from knobsweep import gpu_slots as ks_gpu_slots
 from knobsweep import worker as ks_worker
 from knobsweep.cells import INFERENCE_CODE_VERSION
 from knobsweep.knobs import (
@@ -257,6 +258,19 @@ def dense_spec():
 os.environ.setdefault(
     ks_worker.RUN_ALLOCATION_VARIABLE, os.environ.get("SLURM_JOB_ID", "")
 )
+
+# With --resources gpu=N (N > 1) each GPU job holds one of N devices and its own model worker there
+# (knobsweep.gpu_slots). Set once, by the run's first Snakemake process.
+if ks_gpu_slots.GPU_SLOTS_VARIABLE not in os.environ:
+    try:
+        _slots = ks_gpu_slots.run_gpu_slots(
+            getattr(workflow.global_resources.get("gpu"), "value", None),
+            os.environ.get(ks_gpu_slots.VISIBLE_DEVICES),
+        )
+        ks_gpu_slots.check_device_for_slots(_slots, config["model"]["device"])
+    except ValueError as e:
+        raise WorkflowError(str(e)) from None
+    os.environ[ks_gpu_slots.GPU_SLOTS_VARIABLE] = ",".join(_slots)
 
 
 def shutdown_model_workers():

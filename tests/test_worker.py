@@ -11,6 +11,7 @@ test stops the workers it started.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
@@ -34,6 +36,10 @@ REPO = Path(__file__).resolve().parents[1]
 N_BLOCKS = 6  # conftest's tiny checkpoints
 # KNOBSWEEP_TEST_DEVICE=cuda runs the worker (and the in-process reference) on a GPU (see conftest.py).
 DEVICE = os.environ.get("KNOBSWEEP_TEST_DEVICE", "cpu")
+# What the specs' inference path "auto" resolves to for the tiny model: the plain path on the CPU, the fastest
+# path with the same greedy outputs on CUDA (knobsweep.models.fast_path).
+AUTO_PATH = "eager" if DEVICE == "cpu" else "fused_regional_graph"
+AUTO_VISION_ENCODER = "as loaded" if DEVICE == "cpu" else "graphed"
 # Every shard column but the timings.
 COMPARED = [
     "workload",
@@ -154,7 +160,7 @@ def reference(inputs, tmp_path_factory) -> dict[str, pd.DataFrame]:
             importance_path=inputs["importance"],
             out_path=str(out),
         )
-        assert provenance["inference_path"] == "eager"  # "auto" resolved: the plain path for now
+        assert provenance["inference_path"] == AUTO_PATH  # "auto", resolved
         rows[cells.KnobSetting(**knobs).cell_id()] = pd.read_parquet(out)
     return rows
 
@@ -255,8 +261,8 @@ def test_cells_in_one_worker_equal_fresh_in_process_runs(inputs, reference, work
     assert [p["overhead_s"]["load"] for p in provenances] == [0.0] * 4
     assert all(p["overhead_s"]["client_s"] > 0 for p in provenances)
     # The path that ran ("auto" resolved in the worker; the plain path for now) is recorded.
-    assert [p["inference_path"] for p in provenances] == ["eager"] * 4
-    assert [p["vision_encoder"] for p in provenances] == ["as loaded"] * 4
+    assert [p["inference_path"] for p in provenances] == [AUTO_PATH] * 4
+    assert [p["vision_encoder"] for p in provenances] == [AUTO_VISION_ENCODER] * 4
     status = only_worker(workdir)
     assert status["tasks"] == 5 and status["model_loaded"]
     log = next((workdir / "logs").glob("model_worker_*.log")).read_text()
@@ -495,7 +501,9 @@ E2E_CELLS = ["vt16_k1_b2", "vt32_k2_b4", "vt32_k1_b4"]
 SCORED = [f"results/tiny/scored/qa/{cell}.parquet" for cell in E2E_CELLS]
 
 
-def snakemake_run(workdir: Path, model_worker: bool, *args: str) -> subprocess.CompletedProcess:
+def snakemake_run(
+    workdir: Path, model_worker: bool, *args: str, gpus: int = 1
+) -> subprocess.CompletedProcess:
     config = copy.deepcopy(TINY)
     config["workloads"] = {"qa": TINY["workloads"]["qa"]}
     config["cells"] = {"mode": "list", "list": E2E_CELLS}
@@ -503,42 +511,82 @@ def snakemake_run(workdir: Path, model_worker: bool, *args: str) -> subprocess.C
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.test.yaml").write_text(yaml.safe_dump(config))
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir)]
-    command += ["--configfile", str(workdir / "config.test.yaml"), "--cores", "1", *args, *SCORED]
+    command += ["--configfile", str(workdir / "config.test.yaml"), "--resources", f"gpu={gpus}"]
+    command += ["--cores", str(gpus), *args, *SCORED]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    env.pop("KNOBSWEEP_GPU_SLOTS", None)
     return subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, check=False)
 
 
+def log_interval(path: Path) -> tuple[datetime, datetime]:
+    """When a job's log says it started and ended (its first and last timestamped lines)."""
+    stamps = re.findall(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ", path.read_text(), re.MULTILINE)
+    first, last = (datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f") for stamp in (stamps[0], stamps[-1]))
+    return first, last
+
+
 @pytest.mark.slow
-def test_a_snakemake_run_loads_the_model_once_and_matches_a_run_without_worker(tmp_path):
+def test_a_snakemake_run_loads_the_model_once_per_gpu_and_matches_a_run_without_worker(tmp_path):
     runs = {}
-    for model_worker in (True, False):
-        workdir = tmp_path / f"worker_{model_worker}"
-        result = snakemake_run(workdir, model_worker)
+    for model_worker, gpus in ((True, 1), (False, 1), (True, 2)):
+        workdir = tmp_path / f"worker_{model_worker}_gpus_{gpus}"
+        result = snakemake_run(workdir, model_worker, gpus=gpus)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         deadline = time.monotonic() + 10
         while worker_processes(workdir) and time.monotonic() < deadline:
             time.sleep(0.1)
-        job_logs = [
-            *(workdir / "logs/tiny/cells").rglob("*.log"),
-            *(workdir / "logs/tiny/importance").rglob("*.log"),
-        ]
-        loads = sum(len(re.findall(r"model loaded in", p.read_text())) for p in job_logs)
+        job_logs = {
+            "cells": sorted((workdir / "logs/tiny/cells").rglob("*.log")),
+            "importance": sorted((workdir / "logs/tiny/importance").rglob("*.log")),
+        }
+        loads = sum(
+            len(re.findall(r"model loaded in", p.read_text()))
+            for p in job_logs["cells"] + job_logs["importance"]
+        )
         provenance = [io.read_parquet_metadata(workdir / s.replace("/scored/", "/cells/")) for s in SCORED]
-        runs[model_worker] = (workdir, loads, provenance)
-    workdir, loads, provenance = runs[True]
+        runs[model_worker, gpus] = (workdir, loads, provenance, job_logs)
+    workdir, loads, provenance, _ = runs[True, 1]
     assert loads == 1  # importance and the three cells: one model load
     assert all(p["overhead_s"]["model_reused"] for p in provenance)
     assert worker_processes(workdir) == []  # the run's end (onsuccess) stopped the worker
     assert "shutdown requested" in next((workdir / "logs" / "tiny").glob("model_worker_*.log")).read_text()
-    assert runs[False][1] == 1 + len(E2E_CELLS)  # without the worker: a load per job
-    assert not any(p["overhead_s"]["model_reused"] for p in runs[False][2])
-    for scored, without, with_ in zip(SCORED, runs[False][2], provenance):
-        a, b = (pd.read_parquet(runs[flag][0] / scored) for flag in (True, False))
+    assert runs[False, 1][1] == 1 + len(E2E_CELLS)  # without the worker: a load per job
+    assert not any(p["overhead_s"]["model_reused"] for p in runs[False, 1][2])
+    for scored, without, with_ in zip(SCORED, runs[False, 1][2], provenance):
+        a, b = (pd.read_parquet(runs[key][0] / scored) for key in ((True, 1), (False, 1)))
         pd.testing.assert_frame_equal(
             a[[*COMPARED, "vqa_accuracy", "quality"]], b[[*COMPARED, "vqa_accuracy", "quality"]]
         )
         assert with_["spec"] == without["spec"]  # the worker settings are in no specification
+    assert {p["visible_devices"] for p in provenance} == {None}  # one GPU: the device the config names
+
+    # Two GPUs (--resources gpu=2; emulated: the CPU config's jobs still get CUDA_VISIBLE_DEVICES): each GPU
+    # job holds one device alone, each device's worker loads the model once, and the results are the same.
+    two_dir, two_loads, two_provenance, two_logs = runs[True, 2]
+    held = {}  # job log -> the device it held
+    for path in two_logs["cells"] + two_logs["importance"]:
+        found = re.findall(r"GPU (\d) of 2 \(CUDA_VISIBLE_DEVICES=(\d)\)", path.read_text())
+        assert len(found) == 1 and found[0][0] == found[0][1], (path, found)
+        held[path] = found[0][1]
+    cell_devices = [held[path] for path in two_logs["cells"]]
+    assert sorted(p["visible_devices"] for p in two_provenance) == sorted(cell_devices)
+    assert set(cell_devices) == {"0", "1"}  # after importance, two of the three cells ran at once
+    assert two_loads == len(set(held.values())) == 2  # one load per GPU, for importance and three cells
+    assert len(list((two_dir / "logs" / "tiny").glob("model_worker_*.log"))) == 2
+    for a, b in itertools.combinations(two_logs["cells"], 2):
+        (a_start, a_end), (b_start, b_end) = log_interval(a), log_interval(b)
+        if a_start < b_end and b_start < a_end:  # ran at the same time: never on the same GPU
+            assert held[a] != held[b], (a, b)
+    assert worker_processes(two_dir) == []
+    for scored in SCORED:
+        a, b = (pd.read_parquet(runs[key][0] / scored) for key in ((True, 1), (True, 2)))
+        pd.testing.assert_frame_equal(
+            a[[*COMPARED, "vqa_accuracy", "quality"]], b[[*COMPARED, "vqa_accuracy", "quality"]]
+        )
+
     # Switching the worker off re-runs nothing (the shards stay valid).
+    workdir = runs[True, 1][0]
     result = snakemake_run(workdir, False, "-n")
     assert result.returncode == 0 and "Nothing to be done" in result.stdout + result.stderr, result.stdout[
         -3000:

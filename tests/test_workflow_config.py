@@ -118,6 +118,22 @@ def test_invalid_config_stops_at_dag_construction(tmp_path, key, value, expected
     assert not (tmp_path / "results").exists()  # stopped before any job
 
 
+def test_more_gpus_than_the_run_sees_or_a_device_beside_them_is_refused(tmp_path, monkeypatch):
+    # --resources gpu=N spreads GPU jobs over N devices (knobsweep.gpu_slots); what cannot work stops the DAG.
+    monkeypatch.delenv("KNOBSWEEP_GPU_SLOTS", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    config = valid_config(tmp_path)
+    result = snakemake(tmp_path, config, "-n", "--resources", "gpu=3")
+    assert result.returncode != 0
+    assert "gpu=3 asks for 3 GPU jobs at once, but CUDA_VISIBLE_DEVICES='4,6' lists 2" in result.stdout + result.stderr
+    config["model"]["device"] = "cuda:1"
+    result = snakemake(tmp_path, config, "-n", "--resources", "gpu=2")
+    assert result.returncode != 0
+    assert "model.device: 'cuda:1' with --resources gpu=2" in result.stdout + result.stderr
+    assert not (tmp_path / "results").exists()
+    assert snakemake(tmp_path, valid_config(tmp_path), "-n", "--resources", "gpu=2").returncode == 0
+
+
 def test_missing_data_path_is_named(tmp_path):
     config = valid_config(tmp_path)
     config["workloads"]["qa"].update(

@@ -267,6 +267,8 @@ def cell_provenance(
         "kept_blocks": [int(b) for b in kept_blocks],
         "spec": spec,
         "host": platform.node(),
+        # Which of the host's GPUs measured the cell (set per job with several GPUs: knobsweep.gpu_slots).
+        "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "overhead_s": {
             "load": load_s,

@@ -102,13 +102,13 @@ def model_key(model_path: str, device: str, runtime: dict[str, Any]) -> dict[str
     }
 
 
-def _short_hash(obj: Any) -> str:
+def short_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def worker_name(cwd: str | os.PathLike, key: dict[str, Any]) -> str:
     cwd = str(Path(cwd).resolve())
-    return _short_hash(cwd) + _short_hash([cwd, key])
+    return short_hash(cwd) + short_hash([cwd, key])
 
 
 class WorkerPaths:
@@ -121,7 +121,7 @@ class WorkerPaths:
         self.alive_lock = directory / f"{name}.alive.lock"
 
 
-def _private_dir() -> Path:
+def private_dir() -> Path:
     """SOCKET_DIR, created mode 0700; refused when another user owns it or others can enter it."""
     SOCKET_DIR.mkdir(mode=0o700, exist_ok=True)
     st = SOCKET_DIR.stat()
@@ -253,7 +253,7 @@ def worker_log(key: dict[str, Any], log_dir: str | os.PathLike | None = None) ->
 
 def connect(key: dict[str, Any], *, idle_s: float, log_path: Path) -> Connection:
     """A connection to this working directory's worker for `key`, started if none answers."""
-    paths = WorkerPaths(worker_name(os.getcwd(), key), _private_dir())
+    paths = WorkerPaths(worker_name(os.getcwd(), key), private_dir())
     conn = _try_connect(paths)
     if conn is not None:
         return conn
@@ -421,7 +421,7 @@ def _message_workers(cwd: str | os.PathLike | None, message: tuple, timeout_s: f
     at most `timeout_s` is spent waiting). Returns {name: reply}."""
     if not SOCKET_DIR.is_dir():
         return {}
-    prefix = _short_hash(str(Path(cwd or os.getcwd()).resolve()))
+    prefix = short_hash(str(Path(cwd or os.getcwd()).resolve()))
     replies: dict[str, Any] = {}
     threads = []
     for socket_path in sorted(SOCKET_DIR.glob(f"{prefix}*.sock")):

@@ -4,6 +4,7 @@ With inference.model_worker (the default) the computation runs in the run's mode
 never imports torch (knobsweep.worker); otherwise the model is loaded here.
 """
 
+from knobsweep.gpu_slots import gpu_slot
 from knobsweep.io import log_to_file
 
 log_to_file(snakemake.log[0])
@@ -15,19 +16,21 @@ job = {
     "out_path": snakemake.output[0],
     "progress_every_s": inference["progress_every_s"],
 }
-if inference["model_worker"]:
-    from knobsweep.worker import importance_in_worker
+# With several GPUs (--resources gpu=N) the job holds one of them, set before torch starts.
+with gpu_slot():
+    if inference["model_worker"]:
+        from knobsweep.worker import importance_in_worker
 
-    importance_in_worker(
-        snakemake.params.spec,
-        **job,
-        threads=snakemake.threads,
-        idle_s=inference["worker_idle_s"],
-        log_dir=f"logs/{snakemake.config['run']}",
-    )
-else:
-    import torch
-    from knobsweep.importance import importance_job
+        importance_in_worker(
+            snakemake.params.spec,
+            **job,
+            threads=snakemake.threads,
+            idle_s=inference["worker_idle_s"],
+            log_dir=f"logs/{snakemake.config['run']}",
+        )
+    else:
+        import torch
+        from knobsweep.importance import importance_job
 
-    torch.set_num_threads(snakemake.threads)
-    importance_job(snakemake.params.spec, **job)
+        torch.set_num_threads(snakemake.threads)
+        importance_job(snakemake.params.spec, **job)
