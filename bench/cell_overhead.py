@@ -74,6 +74,7 @@ import numpy as np
 import torch
 import yaml
 from knobsweep.cells import keep_out_of_garbage_collection
+from knobsweep.timing import host_probe_us
 
 from bench import keeps_torch_state, run_header, save_json
 from bench.fast_path_check import build_adapter, image, kept
@@ -358,6 +359,12 @@ class GcPauses:
             self.full_collections += info["generation"] == 2
 
 
+def _correlation(a: list[float], b: list[float]) -> float | None:
+    if len(a) < 3 or np.std(a) == 0 or np.std(b) == 0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
+
+
 def run_cell(adapter, setting: dict, kind: str, args, real: dict, img, device: str) -> dict:
     """One cell as the workflow's worker runs it: configure, first request, warm-up, timed requests, reset."""
     max_new = QA_MAX_NEW_TOKENS if kind == "qa" else real["max_new_tokens_config"]["captioning"]
@@ -401,10 +408,11 @@ def run_cell(adapter, setting: dict, kind: str, args, real: dict, img, device: s
         if args.host_probe_s > 0:
             row["host_probe"] = host_probe(args.host_probe_s)
         n = args.n if kind == "qa" else args.n_captioning
-        totals, walls, tokens, stages, gc_ms, gc_full = [], [], [], [], [], []
+        totals, walls, tokens, stages, gc_ms, gc_full, probes = [], [], [], [], [], [], []
         with GcPauses() as pauses:
             for _ in range(n):
                 pauses.reset()
+                probes.append(host_probe_us())  # as the workflow's cells do, before each request's clock
                 t0 = time.perf_counter()
                 r = request()
                 sync(device)
@@ -435,6 +443,14 @@ def run_cell(adapter, setting: dict, kind: str, args, real: dict, img, device: s
                     for stage in ("preprocess", "vision", "prefill", "decode")
                 },
                 "decode_step_ms_median": float(np.median(steps)) if steps else None,
+                # The workflow's per-request host probe (knobsweep.timing.host_probe_us), its median, and how
+                # closely the preprocess stage and the total follow it request by request (Pearson).
+                "host_probe_us": [round(x, 2) for x in probes],
+                "host_probe_us_median": float(np.median(probes)),
+                "host_probe_correlation": {
+                    stage: _correlation(probes, [t[stage] for t in stages])
+                    for stage in ("preprocess", "total")
+                },
                 # Python's garbage collector inside each timed request (wall ms, full collections).
                 "gc_ms": [round(x, 3) for x in gc_ms],
                 "gc_full_collections": gc_full,
@@ -489,6 +505,8 @@ def repeatability(cells: list[dict]) -> list[dict]:
                 ],
                 # How steady the host was just before each pass's timed requests (bench.host_probe).
                 "host_p95_over_median": [x.get("host_probe", {}).get("p95_over_median") for x in (one, two)],
+                # How fast it ran Python around the requests (the workflow's per-request probe, medians in us).
+                "host_probe_us_median": [x.get("host_probe_us_median") for x in (one, two)],
                 # Which stage moved the P95: pass 2 - pass 1, ms per stage.
                 "stage_p95_diff_ms": {
                     stage: two["stage_p95_ms"][stage] - one["stage_p95_ms"][stage]

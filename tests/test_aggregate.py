@@ -126,3 +126,67 @@ def test_cells_measured_differently_are_listed_and_warned_about(tmp_path, caplog
     setups = result["workloads"]["qa"]["measurement_setups"]
     assert sorted((s["vision_encoder"], s["n_cells"]) for s in setups) == [("as loaded", 4), ("graphed", 4)]
     assert any("2 different ways" in r.getMessage() for r in caplog.records)
+
+
+def test_cells_measured_at_another_host_speed_are_flagged(tmp_path, caplog):
+    """Each cell's median host probe over the run's usual one (the median over cells); cells >= HOST_SPEED_RATIO
+    slower or faster are listed, warned about and named in the findings. Shards without the probe (before code
+    version 12) flag nothing."""
+    from knobsweep.aggregate import HOST_SPEED_RATIO
+    from knobsweep.analysis.findings import _host_speed_lines
+
+    rows = synthetic_rows(**GRID, n_samples=9, workloads=("qa",), seed=3)
+    rng = np.random.default_rng(0)
+    rows["host_probe_us"] = 50.0 * (1 + 0.05 * rng.random(len(rows)))  # a steady host: within 5 %
+    cell = (
+        rows["vision_tokens"].astype(str)
+        + "_"
+        + rows["top_k"].astype(str)
+        + "_"
+        + rows["active_blocks"].astype(str)
+    )
+    rows.loc[cell == "256_4_12", "host_probe_us"] *= 2.0  # the host's slow speed during this cell
+    rows.loc[cell == "64_4_4", "host_probe_us"] *= 0.6  # and its fast one during this
+    rows.loc[cell == "64_1_4", "host_probe_us"] *= 1.2  # within the ratio
+    stalls = (cell == "64_1_12") & (rows.index % 3 == 0)
+    rows.loc[stalls, "host_probe_us"] *= 3.0  # a few stalled requests: the median holds
+    with caplog.at_level("WARNING", logger="knobsweep.aggregate"):
+        result, _ = aggregate_cells(
+            write_scored_shards(rows, tmp_path / "r"), run="t", n_bootstrap=10, seed=0
+        )
+    host = result["host_speed"]
+    medians = rows.groupby(cell)["host_probe_us"].median()
+    usual = float(np.median(medians))
+    assert host["usual_probe_us"] == pytest.approx(usual)
+    assert host["cells_at_another_host_speed"] == [
+        {
+            "workload": "qa",
+            "cell": "vt64_k4_b4",
+            "host_probe_ratio": pytest.approx(medians["64_4_4"] / usual),
+        },
+        {
+            "workload": "qa",
+            "cell": "vt256_k4_b12",
+            "host_probe_ratio": pytest.approx(medians["256_4_12"] / usual),
+        },
+    ]
+    assert host["cells_without_probe"] == 0 and host["speed_ratio"] == HOST_SPEED_RATIO
+    by_cell = {f"{r['vision_tokens']}_{r['top_k']}_{r['active_blocks']}": r for r in result["cells"]}
+    assert by_cell["256_4_12"]["host_probe_ratio"] > 1.9 and by_cell["64_4_4"]["host_probe_ratio"] < 0.65
+    assert 1.15 < by_cell["64_1_4"]["host_probe_ratio"] < HOST_SPEED_RATIO
+    assert by_cell["64_1_12"]["host_probe_us_median"] == pytest.approx(medians["64_1_12"])
+    slow, fast = (f"{medians[c] / usual:.2f}" for c in ("256_4_12", "64_4_4"))
+    assert any(f"qa vt256_k4_b12 ({slow})" in r.getMessage() for r in caplog.records)
+    text = "\n".join(_host_speed_lines(host))
+    assert "**2 cell(s) were measured while the host ran >= 1.25x slower or faster**" in text
+    assert f"qa vt64_k4_b4 ({fast})" in text and f"qa vt256_k4_b12 ({slow})" in text
+
+    result, _ = aggregate_cells(
+        write_scored_shards(rows.drop(columns="host_probe_us"), tmp_path / "old"),
+        run="t",
+        n_bootstrap=10,
+        seed=0,
+    )
+    assert result["host_speed"]["cells_at_another_host_speed"] == []
+    assert result["host_speed"]["cells_without_probe"] == 8
+    assert "not recorded" in "\n".join(_host_speed_lines(result["host_speed"]))

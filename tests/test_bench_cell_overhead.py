@@ -67,6 +67,10 @@ def test_cells_of_both_passes_and_workloads(run):
         # the wall clock around a request includes its CUDA-event/host total
         assert c["wall"]["median"] >= 0.9 * t["median"]
         assert c["setting_change_s"] > 0 and c["warmup_s"] > 0
+        # The workflow's per-request host probe, once per timed request.
+        assert len(c["host_probe_us"]) == 3 and c["host_probe_us_median"] == pytest.approx(
+            sorted(c["host_probe_us"])[1], abs=0.01
+        )
         assert c["active_blocks"] == parse_setting(c["setting"])["active_blocks"]
 
 

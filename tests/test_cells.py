@@ -83,6 +83,33 @@ def test_run_cell_rows_warmup_and_knobs(manifest):
     ]
 
 
+def test_run_cell_times_the_host_probe_before_each_measured_request(manifest, monkeypatch):
+    import knobsweep.timing
+
+    adapter = FakeAdapter()
+    probes = iter([41.0, 95.5, 43.25])
+
+    def probe():
+        adapter.calls.append("probe")
+        return next(probes)
+
+    monkeypatch.setattr(knobsweep.timing, "host_probe_us", probe)
+    rows = cells.run_cell(
+        adapter, manifest, KnobSetting(32, 2, 1), (0,), workload="qa", max_new_tokens=2, warmup=1
+    )
+    assert rows["host_probe_us"].tolist() == [41.0, 95.5, 43.25]
+    # Not in warm-up; right before each measured request (the image already loaded, outside its clock).
+    assert ["probe" if c == "probe" else c[1] for c in adapter.calls] == [
+        "q0",
+        "probe",
+        "q1",
+        "probe",
+        "q2",
+        "probe",
+        "q4",
+    ]
+
+
 def test_run_cell_resets_the_adapter_on_failure(manifest):
     adapter = FakeAdapter()
     adapter.generate = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("CUDA out of memory"))
@@ -186,6 +213,7 @@ def _shard_rows():
                 "decode_ms": 4.0,
                 "ttft_ms": 6.0,
                 "latency_ms": 10.0 + i,
+                "host_probe_us": 50.0,
             }
             for i in range(3)
         ]

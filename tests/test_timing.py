@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 from conftest import TEST_DEVICE
-from knobsweep.timing import StageTimer, host_stage
+from knobsweep.timing import StageTimer, host_probe_us, host_stage
 
 
 def test_stage_timer_measures_between_marks():
@@ -43,3 +43,18 @@ def test_wait_returns_once_the_device_has_reached_the_mark():
         assert timer._marks["after"].query()
     with pytest.raises(KeyError, match="no mark named 'z'; marks: \\['after'\\]"):
         timer.wait("z")
+
+
+def test_host_probe_measures_how_fast_the_host_runs_python():
+    # A profile hook on every Python call slows the interpreter (as a slow host does); the probe must see it.
+    import statistics
+    import sys
+
+    normal = statistics.median(host_probe_us() for _ in range(30))
+    sys.setprofile(lambda frame, event, arg: sum(range(20)))
+    try:
+        slowed = statistics.median(host_probe_us() for _ in range(30))
+    finally:
+        sys.setprofile(None)
+    assert 0 < normal < 5_000
+    assert slowed > 3 * normal

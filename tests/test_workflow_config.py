@@ -125,7 +125,10 @@ def test_more_gpus_than_the_run_sees_or_a_device_beside_them_is_refused(tmp_path
     config = valid_config(tmp_path)
     result = snakemake(tmp_path, config, "-n", "--resources", "gpu=3")
     assert result.returncode != 0
-    assert "gpu=3 asks for 3 GPU jobs at once, but CUDA_VISIBLE_DEVICES='4,6' lists 2" in result.stdout + result.stderr
+    assert (
+        "gpu=3 asks for 3 GPU jobs at once, but CUDA_VISIBLE_DEVICES='4,6' lists 2"
+        in result.stdout + result.stderr
+    )
     config["model"]["device"] = "cuda:1"
     result = snakemake(tmp_path, config, "-n", "--resources", "gpu=2")
     assert result.returncode != 0

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from .analysis.bootstrap import CELL_KEYS, STATISTICS, bootstrap_cells, percentile_interval
 from .analysis.defaults import KNOBS, WORKLOADS
 from .io import PROVENANCE_KEY, SCORES_KEY
+from .knobs import KnobSetting
 
 METRICS: tuple[str, ...] = ("vqa_accuracy", "cider", "bleu4", "rouge_l", "meteor")
 STAGES: tuple[str, ...] = ("preprocess", "vision", "prefill", "decode", "ttft")
@@ -49,6 +50,12 @@ _CELL_FILE = re.compile(r"^vt(\d+)_k(\d+)_b(\d+)$")
 # frontier should agree on them; they are recorded per cell, listed per workload, and a warning names the
 # setups where a workload's cells differ (latencies measured differently are not comparable).
 MEASUREMENT_KEYS: tuple[str, ...] = ("device_name", "inference_path", "vision_encoder")
+# A cell whose median host probe (`host_probe_us`, timed before each request) is this many times the run's usual
+# one (the median over its cells), or as many times below it, was measured while the host ran Python at another
+# speed than during most cells: its host-bound stages (preprocess above all) read high (or low) beside theirs.
+# The H200 hosts measured here switched between two speeds ~1.5-2x apart within minutes; a steady host keeps the
+# cells within ~10 % of each other.
+HOST_SPEED_RATIO = 1.25
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +246,11 @@ def aggregate_cells(
         rec["shard"] = str(info["path"])
         rec["fingerprint"] = info["provenance"].get("fingerprint")
         rec.update({k: info["provenance"].get(k) for k in MEASUREMENT_KEYS})
+        # Shards written before code version 12 have no host probe.
+        probe = group["host_probe_us"].astype(float) if "host_probe_us" in group else None
+        rec["host_probe_us_median"] = float(probe.median()) if probe is not None else None
         records.append(rec)
+    host_speed = _host_speed(records)
 
     workloads = {}
     for workload, group in all_rows.groupby("workload"):
@@ -270,9 +281,40 @@ def aggregate_cells(
         "latency_ci_method": LATENCY_CI_METHOD,
         "provenance_keys_checked": checked_keys,
         "workloads": workloads,
+        "host_speed": host_speed,
         "cells": records,
     }
     return result, all_rows
+
+
+def _host_speed(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each cell's `host_probe_ratio` (its median host probe over the run's usual one, the median over cells; > 1:
+    the host ran slower) into the records, and the cells at HOST_SPEED_RATIO or more either way; logs a warning
+    naming them."""
+    probes = [r["host_probe_us_median"] for r in records if r["host_probe_us_median"] is not None]
+    usual = float(np.median(probes)) if probes else None
+    off = []
+    for rec in records:
+        probe = rec["host_probe_us_median"]
+        rec["host_probe_ratio"] = probe / usual if probe is not None and usual else None
+        ratio = rec["host_probe_ratio"]
+        if ratio is not None and (ratio >= HOST_SPEED_RATIO or ratio <= 1 / HOST_SPEED_RATIO):
+            cell = KnobSetting(*(int(rec[k]) for k in KNOBS)).cell_id()
+            off.append({"workload": rec["workload"], "cell": cell, "host_probe_ratio": ratio})
+    if off:
+        log.warning(
+            "%d cell(s) were measured while the host ran Python >= %.2fx slower or faster than during most "
+            "cells (ratio > 1: slower); their host-bound stages (preprocess) are not comparable: %s",
+            len(off),
+            HOST_SPEED_RATIO,
+            ", ".join(f"{c['workload']} {c['cell']} ({c['host_probe_ratio']:.2f})" for c in off),
+        )
+    return {
+        "usual_probe_us": usual,
+        "speed_ratio": HOST_SPEED_RATIO,
+        "cells_at_another_host_speed": off,
+        "cells_without_probe": len(records) - len(probes),
+    }
 
 
 def _measurement_setups(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -47,7 +47,8 @@ if TYPE_CHECKING:
 #    CUDA the decode loop launches one step ahead of reading whether any row still runs.
 # 11: through a vision graph the prefill reads the image grid on the host and skips transformers' device-side
 #     placeholder count check (checked on the host instead): no wait for the GPU inside the prefill.
-INFERENCE_CODE_VERSION = "11"
+# 12: shards record the host's speed before each request (`host_probe_us`).
+INFERENCE_CODE_VERSION = "12"
 
 SHARD_COLUMNS = (
     "workload",
@@ -66,6 +67,7 @@ SHARD_COLUMNS = (
     "decode_ms",
     "ttft_ms",
     "latency_ms",
+    "host_probe_us",
 )
 _STAGES = ("preprocess", "vision", "prefill", "decode", "ttft")
 
@@ -133,6 +135,8 @@ def run_cell(
     `should_stop` is polled before every sample; when it returns True the cell raises `Abandoned`."""
     import pandas as pd
 
+    from knobsweep.timing import host_probe_us
+
     if len(kept_blocks) != setting.active_blocks:
         raise ValueError(
             f"{setting.cell_id()}: {len(kept_blocks)} kept blocks given "
@@ -159,8 +163,10 @@ def run_cell(
         rows = []
         for done, row in enumerate(eval_rows.itertuples(), start=1):
             _check_stop(should_stop, what)
+            image = load_image(row.image_path)
+            host_probe = host_probe_us()  # how fast the host ran Python just before this request
             result = adapter.generate(
-                load_image(row.image_path),
+                image,
                 row.prompt,
                 vision_tokens=setting.vision_tokens,
                 max_new_tokens=max_new_tokens,
@@ -180,6 +186,7 @@ def run_cell(
                     "output_tokens": int(result.output_tokens),
                     **{f"{stage}_ms": float(timings[stage]) for stage in _STAGES},
                     "latency_ms": float(timings["total"]),
+                    "host_probe_us": host_probe,
                 }
             )
             progress.update(done)

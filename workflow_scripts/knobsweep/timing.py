@@ -72,3 +72,18 @@ def host_stage(device: torch.device | str, into: dict[str, float], name: str) ->
     finally:
         synchronize(device)
         into[name] = (time.perf_counter() - start) * 1000.0
+
+
+# ~2,000 multiply-adds of Python ints: 80-150 us on the hosts measured here, small beside any request.
+_HOST_PROBE_ITEMS = tuple(range(2_000))
+
+
+def host_probe_us() -> float:
+    """Microseconds this host takes for a fixed pure-Python workload: how fast the host runs Python right now.
+    A cell times it before each request (outside the request's clock). The host-bound part of a request
+    (preprocessing, launches, Python between decode steps) slows with the host; on the cloud machines measured
+    here the host switched between two speeds ~2x apart within minutes, so a cell's median probe says whether
+    it was measured while the host ran slow (`aggregate` flags such cells)."""
+    start = time.perf_counter()
+    sum(x * 3 for x in _HOST_PROBE_ITEMS)
+    return (time.perf_counter() - start) * 1e6

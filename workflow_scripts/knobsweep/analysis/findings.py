@@ -93,7 +93,30 @@ def _grid(results: Json, cells: pd.DataFrame, coupling: Json) -> list[str]:
         )
         differ = " **Its cells were measured in different ways: their latencies are not comparable.**"
         lines.append(f"- {workload}: {described or 'not recorded'}.{differ if len(setups) > 1 else ''}")
-    return lines + [""]
+    return lines + ["", *_host_speed_lines(results.get("host_speed"))]
+
+
+def _host_speed_lines(host_speed: Json | None) -> list[str]:
+    """Which cells were measured while the host ran Python at another speed than during most (aggregate's
+    `host_speed`)."""
+    if not host_speed or host_speed.get("usual_probe_us") is None:
+        return ["Host speed: not recorded in these shards (written before inference code version 12).", ""]
+    off = host_speed["cells_at_another_host_speed"]
+    ratio = host_speed["speed_ratio"]
+    head = (
+        f"Host speed (a fixed Python workload timed before each request; median over cells "
+        f"{host_speed['usual_probe_us']:.0f} µs): "
+    )
+    if not off:
+        return [head + f"every cell within {ratio:.2f}x of it.", ""]
+    listed = ", ".join(f"{c['workload']} {c['cell']} ({c['host_probe_ratio']:.2f})" for c in off)
+    return [
+        head + f"**{len(off)} cell(s) were measured while the host ran >= {ratio:.2f}x slower or faster** "
+        f"(ratio > 1: slower): {listed}. Their host-bound stages (preprocess above all) are not comparable "
+        "with the other cells'; measure them again on a quiet host (`snakemake --forcerun <their shards>`) "
+        "before comparing small latency differences.",
+        "",
+    ]
 
 
 def _q1(coupling: Json) -> list[str]:
