@@ -82,6 +82,23 @@ def test_passes_safetensors_and_no_remote_code(tiny_checkpoints, monkeypatch):
     assert adapter.model.config._attn_implementation == "eager"
 
 
+def test_a_cuda_device_this_process_cannot_see_fails_before_loading(tiny_checkpoints, monkeypatch):
+    # As a job given a GPU slot beyond the machine's GPUs (knobsweep.gpu_slots) would: one index past the last.
+    import torch
+    import transformers
+
+    model_cls = getattr(transformers, ADAPTERS["qwen3_vl_moe"].model_class)
+
+    def no_load(cls, path, **kwargs):
+        raise AssertionError("weights read for a device that is not there")
+
+    monkeypatch.setattr(model_cls, "from_pretrained", classmethod(no_load))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(RuntimeError, match=rf"sees {count} CUDA device\(s\) \(CUDA_VISIBLE_DEVICES='3'\)"):
+        load_model(tiny_checkpoints["qwen3_vl_moe"], device=f"cuda:{count}")
+
+
 def test_builder_cli_and_vocabulary(tmp_path, capsys):
     main([str(tmp_path / "cli"), "--family", "qwen3_vl_moe", "--seed", "1", "--num-blocks", "2"])
     assert capsys.readouterr().out.strip() == str(tmp_path / "cli")

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -96,6 +97,21 @@ def adapter_class_for(model_type: str | None, path: Path | str = "") -> type[Mod
     return ADAPTERS[model_type]
 
 
+def _check_device_visible(device: torch.device) -> None:
+    """A CUDA device this process cannot see fails here, naming it, before any weight is read (e.g. a job
+    given CUDA_VISIBLE_DEVICES=3 by `--resources gpu=4` on a machine with 2 GPUs: knobsweep.gpu_slots)."""
+    if device.type != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = device.index or 0
+    if index >= count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise RuntimeError(
+            f"model.device {str(device)!r}: this process sees {count} CUDA device(s) (CUDA_VISIBLE_DEVICES="
+            f"{visible!r}); with --resources gpu=N, N must not exceed the machine's GPUs"
+        )
+
+
 def load_model(
     path: str | Path,
     *,
@@ -125,6 +141,7 @@ def load_model(
         raise ValueError(
             f"load_model: inference_path {inference_path!r} is not one of {list(INFERENCE_PATHS)}"
         )
+    _check_device_visible(torch.device(device))
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"load_model: dtype {dtype!r} is not one of {sorted(DTYPES)}")
