@@ -180,6 +180,9 @@ def test_cells_measured_at_another_host_speed_are_flagged(tmp_path, caplog):
     text = "\n".join(_host_speed_lines(host))
     assert "**2 cell(s) were measured while the host ran >= 1.25x slower or faster**" in text
     assert f"qa vt64_k4_b4 ({fast})" in text and f"qa vt256_k4_b12 ({slow})" in text
+    assert (
+        "`--forcerun <results>/cells/qa/vt64_k4_b4.parquet <results>/cells/qa/vt256_k4_b12.parquet`" in text
+    )
 
     result, _ = aggregate_cells(
         write_scored_shards(rows.drop(columns="host_probe_us"), tmp_path / "old"),

@@ -113,8 +113,10 @@ def _host_speed_lines(host_speed: Json | None) -> list[str]:
     return [
         head + f"**{len(off)} cell(s) were measured while the host ran >= {ratio:.2f}x slower or faster** "
         f"(ratio > 1: slower): {listed}. Their host-bound stages (preprocess above all) are not comparable "
-        "with the other cells'; measure them again on a quiet host (`snakemake --forcerun <their shards>`) "
-        "before comparing small latency differences.",
+        "with the other cells'; measure them again on a quiet host before comparing small latency differences: "
+        "the run's usual command with `--forcerun "
+        + " ".join(f"<results>/cells/{c['workload']}/{c['cell']}.parquet" for c in off)
+        + "`.",
         "",
     ]
 
