@@ -108,7 +108,8 @@ def _check_device_visible(device: torch.device) -> None:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         raise RuntimeError(
             f"model.device {str(device)!r}: this process sees {count} CUDA device(s) (CUDA_VISIBLE_DEVICES="
-            f"{visible!r}); with --resources gpu=N, N must not exceed the machine's GPUs"
+            f"{visible!r}): no GPU on this machine, or a GPU job given one beyond its GPUs (--resources gpu=N "
+            "must not exceed them)"
         )
 
 
