@@ -432,6 +432,7 @@ def run_cell(adapter, setting: dict, kind: str, args, real: dict, img, device: s
                 "output_tokens": tokens,
                 "vision_tokens_actual": r.vision_tokens,
                 "prompt_tokens": r.prompt_tokens,
+                "preprocess": adapter.preprocess_mode(),  # placeholders expanded on token ids, or the processor
                 "total": stats(totals),
                 "wall": stats(walls),
                 "stage_medians_ms": {

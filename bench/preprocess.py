@@ -4,18 +4,20 @@ Whole requests repeat worst in their host stages: between two passes of one cell
 stage (resize the image to the token budget, render the prompt, run the processor, check the token count, copy
 to the device) moved from 63 to 39 ms median while prefill and decode stayed within 2 %. This script times that
 stage as `ModelAdapter.generate_batch` does (host clock, the device synchronised at both ends) and each of its
-parts, `--n` times per vision-token budget, in two passes, for two ways of resizing:
+parts, `--n` times per vision-token budget, in two passes, for three ways of preprocessing:
 
 - `host_resize`: `resize_for_tokens` (PIL bicubic resize on the host), then the processor, which on CUDA does
   its tensor work on the device (the adapter's way before session 9);
 - `device_resize`: `resize_on_device` (the decoded image copied to the device as uint8 and resized there with
   torchvision's bicubic+antialias resize, as transformers' image processors resize on a device), then the
-  processor on that tensor: what `prepare_inputs` does on CUDA now.
+  processor on that tensor (sessions 9-14);
+- `token_ids`: the device resize, then the image processor and the prompt's placeholder expanded on token ids
+  (`ModelAdapter.run_processor`, `models/image_tokens.py`), no longer in the text: what `prepare_inputs` does now.
 
 It also records how far the two resizes' pixels are apart. The model is irrelevant here (the bench-tiny
 Qwen3-VL-MoE with the tiny processor: patch 16, merge 2, 32 pixels per token, like the real model). Per part:
-median, P95 and the pass-to-pass difference of both. `--profile`: one pass of `host_resize` under cProfile,
-the functions that took >= 1 % of it (`bench.cell_overhead.profile_rows`).
+median, P95 and the pass-to-pass difference of both. `--profile`: one pass of `--profile-how` (default
+`token_ids`) under cProfile, the functions that took >= 1 % of it (`bench.cell_overhead.profile_rows`).
 
     PYTHONPATH=workflow_scripts python -m bench.preprocess --n 100 --out bench/results/<card>_<date>_preprocess.json
     PYTHONPATH=workflow_scripts python -m bench.preprocess --device cpu --n 3 --out /tmp/pre.json   # smoke test
@@ -42,6 +44,9 @@ VISION_TOKENS = (1872, 576, 288)
 # COCO val2014's commonest sizes (landscape, portrait, the 640x427 crop).
 IMAGE_SIZES = ((640, 480), (480, 640), (640, 427))
 PROMPT = "What is the man holding? Answer the question using a single word or phrase."
+# Ways of preprocessing, each what the adapter did at some point: PIL resize then the processor; resize on the
+# device then the processor; resize on the device then the placeholders expanded on token ids (now).
+HOW = ("host_resize", "device_resize", "token_ids")
 
 
 def one_request(adapter, img, vision_tokens: int, how: str) -> dict[str, float]:
@@ -57,7 +62,7 @@ def one_request(adapter, img, vision_tokens: int, how: str) -> dict[str, float]:
 
     synchronize(device)
     t0 = t = time.perf_counter()
-    if how == "host_resize":
+    if how == HOW[0]:
         resized = adapter.resize_for_tokens(img, vision_tokens)
     else:
         resized = adapter.resize_on_device(img, vision_tokens)
@@ -66,18 +71,23 @@ def one_request(adapter, img, vision_tokens: int, how: str) -> dict[str, float]:
     t = mark("prompt", t)
     tokenizer = getattr(adapter.processor, "tokenizer", adapter.processor)
     tokenizer.padding_side = "left"
-    inputs = adapter.processor(
-        images=[resized],
-        text=[text],
-        return_tensors="pt",
-        padding=True,
-        images_kwargs=adapter.image_processor_kwargs(),
-    )
+    if how == "token_ids":  # checked against the processor at this budget in the warm-up
+        inputs = adapter.run_processor([resized], [text], adapter.image_processor_kwargs(), vision_tokens)
+    else:
+        inputs = adapter.processor(
+            images=[resized],
+            text=[text],
+            return_tensors="pt",
+            padding=True,
+            images_kwargs=adapter.image_processor_kwargs(),
+        )
     t = mark("processor", t)
     adapter.check_counts([img], inputs, vision_tokens)
     adapter.vision_tokens_of(inputs)
     adapter.move_inputs(inputs)
-    mark("checks_and_copy", t)
+    t = mark("checks_and_copy", t)
+    adapter.prompt_positions(inputs).to(device, non_blocking=True)
+    mark("positions", t)
     parts["stage"] = (time.perf_counter() - t0) * 1000.0
     return parts
 
@@ -102,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--vision-tokens", type=int, nargs="+", default=list(VISION_TOKENS))
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--profile-how", choices=HOW, default="token_ids")
     p.add_argument("--out", type=Path, default=Path("preprocess.json"))
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
@@ -114,13 +125,13 @@ def main(argv: list[str] | None = None) -> dict:
     result["pixel_difference"] = {
         str(vt): [pixel_difference(adapter, img, vt) for img in images] for vt in args.vision_tokens
     }
-    for how in ("host_resize", "device_resize"):
+    for how in HOW:
         for img in images:
             for vt in args.vision_tokens:
                 for _ in range(args.warmup):
                     one_request(adapter, img, vt, how)
     for pass_index in (1, 2):
-        for how in ("host_resize", "device_resize"):
+        for how in HOW:
             for vt in args.vision_tokens:
                 samples = [one_request(adapter, images[i % len(images)], vt, how) for i in range(args.n)]
                 row = {"pass": pass_index, "how": how, "vision_tokens": vt}
@@ -133,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
                     + " ".join(f"{k} {row[k]['median']:.2f}" for k in samples[0] if k != "stage"),
                     flush=True,
                 )
+    result["token_ids_preprocess_mode"] = adapter.preprocess_mode()  # the expansion, unless it differed
     stage = {(r["pass"], r["how"], r["vision_tokens"]): r["stage"] for r in result["rows"]}
     result["repeatability"] = [
         {
@@ -144,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for stat in ("median", "p95")
             },
         }
-        for how in ("host_resize", "device_resize")
+        for how in HOW
         for vt in args.vision_tokens
     ]
     if args.profile:
@@ -152,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         profile.enable()
         for i in range(args.n):
-            one_request(adapter, images[i % len(images)], args.vision_tokens[0], "host_resize")
+            one_request(adapter, images[i % len(images)], args.vision_tokens[0], args.profile_how)
         profile.disable()
         total = time.perf_counter() - start
         result["profile"] = {"total_s": total, "rows": profile_rows(profile, total)}

@@ -116,7 +116,12 @@ def test_cells_measured_differently_are_listed_and_warned_about(tmp_path, caplog
     rows = synthetic_rows(**GRID, n_samples=5, workloads=("qa",))
     same = write_scored_shards(rows, tmp_path / "same")
     result, _ = aggregate_cells(same, run="t", n_bootstrap=10, seed=0)
-    setup = {"device_name": "cpu", "inference_path": "eager", "vision_encoder": "as loaded"}
+    setup = {
+        "device_name": "cpu",
+        "inference_path": "eager",
+        "vision_encoder": "as loaded",
+        "preprocess": "image placeholders expanded on token ids",
+    }
     assert result["workloads"]["qa"]["measurement_setups"] == [{**setup, "n_cells": 8}]
     assert all({k: r[k] for k in setup} == setup for r in result["cells"])
     graphed = write_scored_shards(rows[rows["top_k"] == 1], tmp_path / "mixed", vision_encoder="graphed")
@@ -126,6 +131,14 @@ def test_cells_measured_differently_are_listed_and_warned_about(tmp_path, caplog
     setups = result["workloads"]["qa"]["measurement_setups"]
     assert sorted((s["vision_encoder"], s["n_cells"]) for s in setups) == [("as loaded", 4), ("graphed", 4)]
     assert any("2 different ways" in r.getMessage() for r in caplog.records)
+    # Cells whose placeholders the processor expanded (the token-id expansion differed there) are another setup.
+    by_processor = write_scored_shards(
+        rows[rows["top_k"] == 1], tmp_path / "pre", preprocess="processor: differs"
+    )
+    expanded = write_scored_shards(rows[rows["top_k"] == 4], tmp_path / "pre")
+    result, _ = aggregate_cells(by_processor + expanded, run="t", n_bootstrap=10, seed=0)
+    setups = result["workloads"]["qa"]["measurement_setups"]
+    assert sorted(s["preprocess"] for s in setups) == [setup["preprocess"], "processor: differs"]
 
 
 def test_cells_measured_at_another_host_speed_are_flagged(tmp_path, caplog):

@@ -72,7 +72,8 @@ def test_analysis_rules_and_report(tmp_path):
     ):
         assert (run_dir / name).stat().st_size > 0, name
     findings = (run_dir / "e2_findings.md").read_text()
-    assert "- qa: cpu, `eager`, vision encoder as loaded (" in findings and "not comparable" not in findings
+    expected = "- qa: cpu, `eager`, vision encoder as loaded, image placeholders expanded on token ids ("
+    assert expected in findings and "not comparable" not in findings
     report = tmp_path / "report.html"
     subprocess.run(
         [*snakemake, "--report", str(report), "--", *targets],

@@ -345,8 +345,8 @@ def test_regional_compile_is_shared_by_all_blocks_and_exact(tiny_fp32):
 
 
 def test_preprocess_benchmark_on_cpu(tmp_path):
-    """bench/preprocess.py end to end on CPU: both ways of resizing, both passes, each part timed inside the
-    stage, and the resizes' pixels compared (on CPU torchvision's uint8 path is within 2 levels of PIL's)."""
+    """bench/preprocess.py end to end on CPU: the three ways of preprocessing, both passes, each part timed inside
+    the stage, and the resizes' pixels compared (on CPU torchvision's uint8 path is within 2 levels of PIL's)."""
     from bench.preprocess import main as preprocess_main
 
     out = tmp_path / "pre.json"
@@ -355,12 +355,13 @@ def test_preprocess_benchmark_on_cpu(tmp_path):
     )
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(result["rows"]))
     assert {(r["pass"], r["how"]) for r in result["rows"]} == {
-        (p, h) for p in (1, 2) for h in ("host_resize", "device_resize")
+        (p, h) for p in (1, 2) for h in ("host_resize", "device_resize", "token_ids")
     }
     for row in result["rows"]:
-        parts = sum(row[k]["mean"] for k in ("resize", "prompt", "processor", "checks_and_copy"))
+        parts = sum(row[k]["mean"] for k in ("resize", "prompt", "processor", "checks_and_copy", "positions"))
         assert parts <= row["stage"]["mean"] * 1.01 + 0.05  # the parts are inside the stage's clock
-    assert len(result["repeatability"]) == 2
+    assert len(result["repeatability"]) == 3
+    assert result["token_ids_preprocess_mode"] == "image placeholders expanded on token ids"
     assert all(d["max_abs"] <= 2 for d in result["pixel_difference"]["64"])
 
 

@@ -72,6 +72,7 @@ def test_cells_of_both_passes_and_workloads(run):
             sorted(c["host_probe_us"])[1], abs=0.01
         )
         assert c["active_blocks"] == parse_setting(c["setting"])["active_blocks"]
+        assert c["preprocess"] == "image placeholders expanded on token ids"
 
 
 def test_overhead_ratio_is_the_formula(run):

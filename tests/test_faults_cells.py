@@ -114,6 +114,7 @@ def test_a_vision_graph_failing_mid_cell_is_recorded_in_the_provenance(
     the cell's first samples ran graphed and the rest as loaded, with the reason."""
     provenance = run_job(tiny_checkpoints["qwen3_vl_moe"], inputs, tmp_path / "plain.parquet")
     assert provenance["vision_encoder"] == "as loaded"
+    assert provenance["preprocess"] == "image placeholders expanded on token ids"
 
     def setup(adapter, calls: list) -> None:
         adapter.vision_encoder_mode = lambda: "graphed" if len(calls) < 3 else "as loaded: its capture failed"

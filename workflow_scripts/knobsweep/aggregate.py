@@ -45,11 +45,12 @@ LATENCY_CI_METHOD = (
     "percentile, latency_pXX_tail_n of them at or above the estimate"
 )
 _CELL_FILE = re.compile(r"^vt(\d+)_k(\d+)_b(\d+)$")
-# Provenance entries that say how a cell's latencies were measured: the card, the inference path, and how its
-# requests ran the vision encoder (a vision graph may fall back to the forward as loaded). Cells compared on one
+# Provenance entries that say how a cell's latencies were measured: the card, the inference path, how its
+# requests ran the vision encoder (a vision graph may fall back to the forward as loaded) and how they expanded
+# the image placeholders (on token ids, or by the processor where the two differed). Cells compared on one
 # frontier should agree on them; they are recorded per cell, listed per workload, and a warning names the
 # setups where a workload's cells differ (latencies measured differently are not comparable).
-MEASUREMENT_KEYS: tuple[str, ...] = ("device_name", "inference_path", "vision_encoder")
+MEASUREMENT_KEYS: tuple[str, ...] = ("device_name", "inference_path", "vision_encoder", "preprocess")
 # A cell whose median host probe (`host_probe_us`, timed before each request) is this many times the run's usual
 # one (the median over its cells), or as many times below it, was measured while the host ran Python at another
 # speed than during most cells: its host-bound stages (preprocess above all) read high (or low) beside theirs.

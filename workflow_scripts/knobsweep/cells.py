@@ -48,7 +48,9 @@ if TYPE_CHECKING:
 # 11: through a vision graph the prefill reads the image grid on the host and skips transformers' device-side
 #     placeholder count check (checked on the host instead): no wait for the GPU inside the prefill.
 # 12: shards record the host's speed before each request (`host_probe_us`).
-INFERENCE_CODE_VERSION = "12"
+# 13: image placeholders are expanded on token ids, not in the prompt text (`models/image_tokens.py`): the
+#     preprocess stage no longer tokenizes one placeholder per vision token.
+INFERENCE_CODE_VERSION = "13"
 
 SHARD_COLUMNS = (
     "workload",
@@ -148,6 +150,10 @@ def run_cell(
     what = f"{workload} {setting.cell_id()}"
     adapter.configure(top_k=setting.top_k, active_blocks=list(kept_blocks))
     try:
+        # Untimed: the first request at a budget checks the token-id expansion against the processor.
+        _check_stop(should_stop, what)
+        first = eval_rows.iloc[0]
+        adapter.check_preprocessing(load_image(first.image_path), first.prompt, setting.vision_tokens)
         start = time.monotonic()
         for row in warmup_rows(manifest, warmup).itertuples():
             _check_stop(should_stop, what)
@@ -251,9 +257,12 @@ def cell_provenance(
     device_label: str | None = None,
     inference_path: str | None = None,
     vision_encoder: str | None = None,
+    preprocess: str | None = None,
 ) -> dict[str, Any]:
     """The shard's provenance. `vision_encoder`: how its requests ran the vision encoder
-    (`ModelAdapter.vision_encoder_mode`; the vision stage's latency depends on it), not fingerprinted. `overhead_s` says how the cell ran (model load, 0.0 when a model worker
+    (`ModelAdapter.vision_encoder_mode`; the vision stage's latency depends on it), not fingerprinted; `preprocess`:
+    how they expanded the image placeholders (`ModelAdapter.preprocess_mode`; the preprocess stage's latency depends
+    on it). `overhead_s` says how the cell ran (model load, 0.0 when a model worker
     reused a loaded model; warm-up; samples; the job's wall time end to end) and is not fingerprinted.
     `device_label` is the device's name when it was read elsewhere (in the model worker)."""
     manifest_sha256 = io.sha256_file(manifest_path)
@@ -266,6 +275,7 @@ def cell_provenance(
         "device_name": device_label if device_label is not None else device_name(device),
         "inference_path": inference_path,
         "vision_encoder": vision_encoder,
+        "preprocess": preprocess,
         "library_versions": io.library_versions(),
         "code_version": {"inference": INFERENCE_CODE_VERSION, "git_commit": io.git_commit()},
         "fingerprint": cell_fingerprint(spec, manifest_sha256, importance_sha256, kept_blocks),
@@ -398,6 +408,7 @@ def run_loaded_cell(
     if vision != vision_before:  # a vision graph failed during this cell: its first samples ran graphed
         vision = f"graphed, then from part-way through this cell {vision}"
     rows.attrs["vision_encoder"] = vision
+    rows.attrs["preprocess"] = adapter.preprocess_mode()
     return rows, tuple(kept_blocks)
 
 
@@ -419,6 +430,7 @@ def finish_cell(
     device_label: str | None = None,
     inference_path: str | None = None,
     vision_encoder: str | None = None,
+    preprocess: str | None = None,
 ) -> dict[str, Any]:
     """Write the cell's shard with its provenance (`started`: time.monotonic() at the job's start).
     Returns the provenance."""
@@ -437,6 +449,7 @@ def finish_cell(
         device_label=device_label,
         inference_path=inference_path,
         vision_encoder=vision_encoder,
+        preprocess=preprocess,
     )
     write_shard(rows, out_path, provenance)
     log.info(
@@ -492,4 +505,5 @@ def run_cell_job(
         started=started,
         inference_path=rows.attrs["inference_path"],
         vision_encoder=rows.attrs["vision_encoder"],
+        preprocess=rows.attrs["preprocess"],
     )

@@ -362,6 +362,7 @@ def run_cell_in_worker(
         device_label=result["device_name"],
         inference_path=result["inference_path"],
         vision_encoder=result["vision_encoder"],
+        preprocess=result["preprocess"],
     )
 
 
@@ -656,6 +657,7 @@ class Worker:
                 "samples_s": rows.attrs["samples_s"],
                 "inference_path": rows.attrs["inference_path"],
                 "vision_encoder": rows.attrs["vision_encoder"],
+                "preprocess": rows.attrs["preprocess"],
             }
         importance = importance_of_loaded(
             self.adapter,

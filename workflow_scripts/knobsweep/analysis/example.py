@@ -98,6 +98,7 @@ def write_scored_shards(
     model: str = "tiny-model",
     manifest: str = "manifest-v1",
     vision_encoder: str = "as loaded",
+    preprocess: str = "image placeholders expanded on token ids",
 ) -> list[Path]:
     """Write rows as scored shards run_dir/scored/{workload}/vt{V}_k{K}_b{B}.parquet with metadata."""
     paths = []
@@ -129,6 +130,7 @@ def write_scored_shards(
             "device_name": "cpu",
             "inference_path": "eager",
             "vision_encoder": vision_encoder,
+            "preprocess": preprocess,
         }
         table = pa.Table.from_pandas(
             group.dropna(axis=1, how="all").reset_index(drop=True), preserve_index=False

@@ -81,14 +81,17 @@ def _grid(results: Json, cells: pd.DataFrame, coupling: Json) -> list[str]:
             "e2_knob_grid_results.json."
         ),
         "",
-        "How the latencies were measured (card, inference path, vision encoder; from each shard's provenance):",
+        (
+            "How the latencies were measured (card, inference path, vision encoder, preprocessing; from each "
+            "shard's provenance):"
+        ),
         "",
     ]
     for workload, info in sorted(results["workloads"].items()):
         setups = info.get("measurement_setups") or []
         described = "; ".join(
-            f"{s.get('device_name')}, `{s.get('inference_path')}`, vision encoder {s.get('vision_encoder')} "
-            f"({s['n_cells']} cell{'s' if s['n_cells'] != 1 else ''})"
+            f"{s.get('device_name')}, `{s.get('inference_path')}`, vision encoder {s.get('vision_encoder')}, "
+            f"{s.get('preprocess') or 'preprocessing not recorded'} ({s['n_cells']} cell{'s' if s['n_cells'] != 1 else ''})"
             for s in setups
         )
         differ = " **Its cells were measured in different ways: their latencies are not comparable.**"

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import math
 import numbers
 from collections.abc import Iterable, Iterator, Sequence
@@ -50,9 +51,12 @@ from torch import nn
 
 from knobsweep.models.decode_attention import cache_from_kwargs
 from knobsweep.models.fast_path import FastDecoding, resolve_inference_path
+from knobsweep.models.image_tokens import PlaceholderExpansion, first_difference, unsupported_reason
 from knobsweep.timing import StageTimer, host_stage
 
 STAGES = ("preprocess", "vision", "prefill", "decode", "ttft", "total")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -277,6 +281,10 @@ class ModelAdapter:
         self._fast: FastDecoding | None = None
         self.logit_log: list[torch.Tensor] | None = None  # diagnostics, see _log_logits
         self._eos_tensors: dict[torch.device, torch.Tensor] = {}  # see _eos_on
+        # See run_processor: the expansion once checked, the budgets it was checked at, why it is not used.
+        self._expansion: PlaceholderExpansion | None = None
+        self._expansion_budgets: set[int] = set()
+        self._expansion_refused: str | None = unsupported_reason(processor)
 
     # ---- family hooks -------------------------------------------------------------------------------
     @classmethod
@@ -480,15 +488,71 @@ class ModelAdapter:
         resized = self.images_for_processor(images, vision_tokens)
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         tokenizer.padding_side = "left"
-        inputs = self.processor(
-            images=resized,
-            text=[self.chat_prompt(p) for p in prompts],
-            return_tensors="pt",
-            padding=True,
-            images_kwargs=self.image_processor_kwargs(),
+        inputs = self.run_processor(
+            resized, [self.chat_prompt(p) for p in prompts], self.image_processor_kwargs(), vision_tokens
         )
         self.check_counts(images, inputs, vision_tokens)
         return inputs
+
+    def run_processor(
+        self,
+        images: Sequence[Any],
+        texts: Sequence[str],
+        images_kwargs: dict[str, Any],
+        vision_tokens: int,
+    ) -> Any:
+        """The processor's output for these resized images and rendered prompts (left padding). At a budget where
+        `PlaceholderExpansion` (placeholders expanded on token ids, `image_tokens.py`) gave exactly the processor's
+        output for the first request, built by it; the first request at each budget runs both and compares."""
+        if self._expansion is not None and vision_tokens in self._expansion_budgets:
+            return self._expansion(images, texts, images_kwargs)
+        reference = self.processor(
+            images=list(images),
+            text=list(texts),
+            return_tensors="pt",
+            padding=True,
+            images_kwargs=images_kwargs,
+        )
+        if self._expansion_refused is None:
+            self._check_expansion(reference, images, texts, images_kwargs, vision_tokens)
+        return reference
+
+    def _check_expansion(
+        self,
+        reference: Any,
+        images: Sequence[Any],
+        texts: Sequence[str],
+        images_kwargs: dict[str, Any],
+        vision_tokens: int,
+    ) -> None:
+        expansion = self._expansion or PlaceholderExpansion(self.processor, reference.keys())
+        try:
+            difference = first_difference(reference, expansion(images, texts, images_kwargs))
+        except Exception as error:  # noqa: BLE001 - whatever breaks it, the processor's own output is used
+            difference = f"{type(error).__name__}: {error}"
+        if difference is None:
+            self._expansion = expansion
+            self._expansion_budgets.add(vision_tokens)
+            return
+        self._expansion = None
+        self._expansion_refused = f"token-id expansion differs at {vision_tokens} vision tokens: {difference}"
+        log.warning(
+            "%s: the processor expands image placeholders from now on; %s",
+            self.family,
+            self._expansion_refused,
+        )
+
+    def check_preprocessing(self, image: Image.Image, prompt: str, vision_tokens: int) -> None:
+        """Prepare one request's inputs untimed, so that the check of the token-id expansion at this budget
+        (`run_processor`) happens before any timed request."""
+        self.prepare_inputs([image], [prompt], vision_tokens)
+
+    def preprocess_mode(self) -> str:
+        """How requests run the processor's text side, for the cells' provenance: "image placeholders expanded on
+        token ids" or "processor", with the reason after a colon where the expansion is not used."""
+        if self._expansion is not None:
+            return "image placeholders expanded on token ids"
+        return f"processor: {self._expansion_refused}" if self._expansion_refused else "processor"
 
     def image_processor_kwargs(self) -> dict[str, Any]:
         """On CUDA the image processor's tensor work (rescale, normalise, patchify) runs on the model's device,

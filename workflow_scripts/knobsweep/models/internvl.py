@@ -99,15 +99,17 @@ class InternVLMoeAdapter(ModelAdapter):
             grid = self.planned_grid(image, vision_tokens)
             tiles = grid[0] * grid[1]
             rows.append(
-                self.processor(
-                    images=self.images_for_processor([image], vision_tokens),
-                    text=[self.chat_prompt(prompt)],
-                    return_tensors="pt",
-                    images_kwargs={
+                self.run_processor(
+                    self.images_for_processor([image], vision_tokens),
+                    [self.chat_prompt(prompt)],
+                    # crop_to_patches: the processor's default, which its image processor alone does not share.
+                    {
+                        "crop_to_patches": True,
                         "min_patches": tiles,
                         "max_patches": tiles,
                         **self.image_processor_kwargs(),
                     },
+                    vision_tokens,
                 )
             )
         padded = tokenizer.pad(
