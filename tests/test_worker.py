@@ -508,6 +508,7 @@ def snakemake_run(
     config["workloads"] = {"qa": TINY["workloads"]["qa"]}
     config["cells"] = {"mode": "list", "list": E2E_CELLS}
     config["inference"]["model_worker"] = model_worker
+    config["model"]["device"] = DEVICE  # with KNOBSWEEP_TEST_DEVICE=cuda: real GPUs, one per job with gpus=2
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.test.yaml").write_text(yaml.safe_dump(config))
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir)]
@@ -528,6 +529,10 @@ def log_interval(path: Path) -> tuple[datetime, datetime]:
 
 @pytest.mark.slow
 def test_a_snakemake_run_loads_the_model_once_per_gpu_and_matches_a_run_without_worker(tmp_path):
+    import torch
+
+    if DEVICE != "cpu" and torch.cuda.device_count() < 2:
+        pytest.skip(f"on {DEVICE} this test's third run needs two GPUs (--resources gpu=2)")
     runs = {}
     for model_worker, gpus in ((True, 1), (False, 1), (True, 2)):
         workdir = tmp_path / f"worker_{model_worker}_gpus_{gpus}"
@@ -561,8 +566,8 @@ def test_a_snakemake_run_loads_the_model_once_per_gpu_and_matches_a_run_without_
         assert with_["spec"] == without["spec"]  # the worker settings are in no specification
     assert {p["visible_devices"] for p in provenance} == {None}  # one GPU: the device the config names
 
-    # Two GPUs (--resources gpu=2; emulated: the CPU config's jobs still get CUDA_VISIBLE_DEVICES): each GPU
-    # job holds one device alone, each device's worker loads the model once, and the results are the same.
+    # Two GPUs (--resources gpu=2; on the CPU emulated: the CPU config's jobs still get CUDA_VISIBLE_DEVICES): each
+    # GPU job holds one device alone, each device's worker loads the model once, and the results are the same.
     two_dir, two_loads, two_provenance, two_logs = runs[True, 2]
     held = {}  # job log -> the device it held
     for path in two_logs["cells"] + two_logs["importance"]:
