@@ -62,7 +62,7 @@ def one_request(adapter, img, vision_tokens: int, how: str) -> dict[str, float]:
 
     synchronize(device)
     t0 = t = time.perf_counter()
-    if how == HOW[0]:
+    if how == "host_resize":
         resized = adapter.resize_for_tokens(img, vision_tokens)
     else:
         resized = adapter.resize_on_device(img, vision_tokens)
