@@ -42,6 +42,10 @@ class FakeAdapter:
     def reset(self):
         self.resets += 1
 
+    def planned_grid(self, image, vision_tokens):
+        # The manifest's eval images are 65, 66 and 68 pixels wide: the last two share a grid.
+        return image.height // 16, image.width // 3
+
     def check_preprocessing(self, image, prompt, vision_tokens):
         self.calls.append(("check_preprocessing", prompt, vision_tokens))
 
@@ -74,11 +78,11 @@ def test_run_cell_rows_warmup_and_knobs(manifest):
     rows = cells.run_cell(adapter, manifest, setting, (0, 2, 5), workload="qa", max_new_tokens=7, warmup=2)
     assert list(rows.columns) == list(cells.SHARD_COLUMNS)
     assert list(rows["sample_id"]) == ["s1", "s2", "s4"]  # eval samples only, manifest order
-    # The preprocessing was checked untimed on the first evaluation sample at the cell's budget, then warm-up used
-    # the two calibration samples, with the same knobs, and is not in the rows.
-    assert adapter.calls[0] == ("check_preprocessing", "q1", 32)
-    assert [c[1] for c in adapter.calls[1:]] == ["q0", "q3", "q1", "q2", "q4"]
-    assert all(c[2] == 32 and c[3] == 7 for c in adapter.calls[1:])
+    # The preprocessing was checked untimed on the first evaluation sample of each token grid at the cell's budget
+    # (s4's grid is s2's), then warm-up used the two calibration samples, with the same knobs, and is not in the rows.
+    assert adapter.calls[:2] == [("check_preprocessing", "q1", 32), ("check_preprocessing", "q2", 32)]
+    assert [c[1] for c in adapter.calls[2:]] == ["q0", "q3", "q1", "q2", "q4"]
+    assert all(c[2] == 32 and c[3] == 7 for c in adapter.calls[2:])
     assert adapter.configured == [(2, (0, 2, 5))] and adapter.resets == 1
     assert rows["latency_ms"].tolist() == [10.5] * 3 and rows["ttft_ms"].tolist() == [6.0] * 3
     assert rows["vision_tokens_actual"].tolist() == [31] * 3
@@ -105,7 +109,8 @@ def test_run_cell_times_the_host_probe_before_each_measured_request(manifest, mo
     assert rows["host_probe_us"].tolist() == [41.0, 95.5, 43.25]
     # Not in warm-up; right before each measured request (the image already loaded, outside its clock).
     assert ["probe" if c == "probe" else c[1] for c in adapter.calls] == [
-        "q1",  # the untimed preprocessing check
+        "q1",  # the untimed preprocessing checks, one per token grid
+        "q2",
         "q0",
         "probe",
         "q1",
@@ -126,8 +131,8 @@ def test_run_cell_resets_the_adapter_on_failure(manifest):
     assert adapter.resets == 1
 
 
-# Before the preprocessing check, in warm-up, between measured samples.
-@pytest.mark.parametrize("stop_after", [0, 2, 4])
+# Before the preprocessing checks, between them, in warm-up, between measured samples.
+@pytest.mark.parametrize("stop_after", [0, 1, 3, 5])
 def test_run_cell_stops_between_samples_when_asked(manifest, stop_after):
     # What a model worker does when its client is gone: stop before the next sample, reset the knobs.
     adapter = FakeAdapter()

@@ -105,24 +105,56 @@ def fresh_adapter(tiny_checkpoints):
     return adapter
 
 
-def test_the_first_request_at_a_budget_checks_the_expansion_then_the_processor_is_not_called(fresh_adapter):
+def test_the_first_request_of_each_grid_checks_the_expansion_then_the_processor_is_not_called(fresh_adapter):
     adapter = fresh_adapter
-    images = [make_image(w, h, seed=i) for i, (w, h) in enumerate(SIZES[:2])]
+    images = [make_image(w, h, seed=i) for i, (w, h) in enumerate(SIZES)]
     assert adapter.preprocess_mode() == "processor"  # nothing checked yet
-    first = adapter.prepare_inputs(images, PROMPTS, 64)
+    adapter.prepare_inputs(images[:2], PROMPTS, 64)
     assert adapter.processor.calls == 1 and adapter.preprocess_mode() == EXPANDED
-    again = adapter.prepare_inputs(images, PROMPTS, 64)
+    # Other images and prompts with the same token grids: the expansion only, and its output is the processor's.
+    again = adapter.prepare_inputs(images[:2], PROMPTS[::-1], 64)
     assert adapter.processor.calls == 1
-    assert first_difference(first, again) is None
-    # The expansion's output is the processor's for a request it was not checked on.
-    other = adapter.prepare_inputs(images[::-1], PROMPTS, 64)
-    assert adapter.processor.calls == 1
-    (call,) = processor_calls(adapter, 64, images[::-1], PROMPTS)
-    assert first_difference(by_processor(adapter, *call), other) is None
+    (call,) = processor_calls(adapter, 64, images[:2], PROMPTS[::-1])
+    assert first_difference(by_processor(adapter, *call), again) is None
     assert adapter.processor.calls == 2  # that reference call
-    adapter.prepare_inputs(images, PROMPTS, 128)  # a new budget is checked once
-    adapter.prepare_inputs(images, PROMPTS, 128)
-    assert adapter.processor.calls == 3
+    # Each new grid, or new budget, is checked once.
+    for request in (
+        ([images[2]], 64),
+        ([images[2]], 64),
+        (images[1::-1], 64),
+        (images[:2], 128),
+        (images[:2], 128),
+    ):
+        adapter.prepare_inputs(request[0], PROMPTS[: len(request[0])], request[1])
+    assert adapter.processor.calls == 5
+    assert adapter.preprocess_mode() == EXPANDED
+
+
+def test_an_expansion_that_differs_on_one_grid_only_is_caught_there(fresh_adapter):
+    """Checked on one grid, the expansion is not trusted on another: there it is compared again, and where it
+    differs the request gets the processor's output."""
+    adapter = fresh_adapter
+    images = [make_image(w, h, seed=i) for i, (w, h) in enumerate(SIZES)]
+    adapter.prepare_inputs(images[:1], PROMPTS[:1], 64)
+    assert adapter.preprocess_mode() == EXPANDED
+    checked = adapter._expansion
+    wrong_on = adapter.planned_grid(images[2], 64)
+    real = checked._replacement
+
+    def replacement(image_inputs, image_index):
+        ids = real(image_inputs, image_index)
+        _, rows, cols = image_inputs["image_grid_thw"][image_index].tolist()
+        merge = adapter.processor.image_processor.merge_size
+        return ids[:-1] if (rows // merge, cols // merge) == wrong_on else ids
+
+    checked._replacement = replacement
+    inputs = adapter.prepare_inputs(images[2:], PROMPTS[:1], 64)
+    (call,) = processor_calls(adapter, 64, images[2:], PROMPTS[:1])
+    assert first_difference(by_processor(adapter, *call), inputs) is None
+    width, height = adapter.resized_size(images[2], 64)
+    assert adapter.preprocess_mode().startswith(
+        f"processor: token-id expansion differs at 64 vision tokens (images of {width}x{height} pixels): input_ids"
+    )
 
 
 def test_an_expansion_that_differs_is_dropped_for_the_processor(fresh_adapter, monkeypatch, caplog):
@@ -137,7 +169,8 @@ def test_an_expansion_that_differs_is_dropped_for_the_processor(fresh_adapter, m
     (call,) = processor_calls(adapter, 64, images, PROMPTS)
     assert first_difference(by_processor(adapter, *call), inputs) is None
     mode = adapter.preprocess_mode()
-    assert mode.startswith("processor: token-id expansion differs at 64 vision tokens: input_ids: shape")
+    assert mode.startswith("processor: token-id expansion differs at 64 vision tokens (images of ")
+    assert "pixels): input_ids: shape" in mode
     assert any(mode.removeprefix("processor: ") in r.getMessage() for r in caplog.records)
     calls = adapter.processor.calls
     adapter.prepare_inputs(images, PROMPTS, 64)
@@ -153,7 +186,10 @@ def test_an_expansion_that_raises_is_dropped_for_the_processor(fresh_adapter, mo
     monkeypatch.setattr(PlaceholderExpansion, "__call__", broken)
     image = make_image(*SIZES[0])
     inputs = fresh_adapter.prepare_inputs([image], PROMPTS[:1], 64)
-    assert fresh_adapter.preprocess_mode().endswith("differs at 64 vision tokens: KeyError: 'num_patches'")
+    width, height = fresh_adapter.resized_size(image, 64)
+    assert fresh_adapter.preprocess_mode().endswith(
+        f"differs at 64 vision tokens (images of {width}x{height} pixels): KeyError: 'num_patches'"
+    )
     (call,) = processor_calls(fresh_adapter, 64, [image], PROMPTS[:1])
     assert first_difference(by_processor(fresh_adapter, *call), inputs) is None
 

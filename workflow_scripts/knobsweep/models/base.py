@@ -186,6 +186,14 @@ def _holds_keys(cache: Any, layer_idx: int) -> bool:
     return not (linear is not None and isinstance(layer, linear))
 
 
+def _pixel_sizes(images: Sequence[Any]) -> tuple[tuple[int, int], ...]:
+    """(height, width) of each resized image, PIL or a (3, height, width) tensor: at one budget, its token grid."""
+    return tuple(
+        (image.height, image.width) if isinstance(image, Image.Image) else tuple(image.shape[-2:])
+        for image in images
+    )
+
+
 # Memoised: a request plans its grid twice (resize, then the count check), and the search below costs ~5 ms
 # of Python at 1872 tokens, inside the request's preprocess stage; images come in few sizes.
 @functools.lru_cache(maxsize=4096)
@@ -281,9 +289,10 @@ class ModelAdapter:
         self._fast: FastDecoding | None = None
         self.logit_log: list[torch.Tensor] | None = None  # diagnostics, see _log_logits
         self._eos_tensors: dict[torch.device, torch.Tensor] = {}  # see _eos_on
-        # See run_processor: the expansion once checked, the budgets it was checked at, why it is not used.
+        # See run_processor: the expansion once checked, the requests' image sizes it was checked at (one per budget
+        # and token grid), why it is not used.
         self._expansion: PlaceholderExpansion | None = None
-        self._expansion_budgets: set[int] = set()
+        self._expansion_checked: set[tuple[int, tuple[tuple[int, int], ...]]] = set()
         self._expansion_refused: str | None = unsupported_reason(processor)
 
     # ---- family hooks -------------------------------------------------------------------------------
@@ -501,10 +510,12 @@ class ModelAdapter:
         images_kwargs: dict[str, Any],
         vision_tokens: int,
     ) -> Any:
-        """The processor's output for these resized images and rendered prompts (left padding). At a budget where
-        `PlaceholderExpansion` (placeholders expanded on token ids, `image_tokens.py`) gave exactly the processor's
-        output for the first request, built by it; the first request at each budget runs both and compares."""
-        if self._expansion is not None and vision_tokens in self._expansion_budgets:
+        """The processor's output for these resized images and rendered prompts (left padding). Built by
+        `PlaceholderExpansion` (placeholders expanded on token ids, `image_tokens.py`) where it gave exactly the
+        processor's output for a request with images of the same sizes at this budget (the same token grids); the
+        first request of each such kind runs both and compares."""
+        kind = (vision_tokens, _pixel_sizes(images))
+        if self._expansion is not None and kind in self._expansion_checked:
             return self._expansion(images, texts, images_kwargs)
         reference = self.processor(
             images=list(images),
@@ -514,7 +525,7 @@ class ModelAdapter:
             images_kwargs=images_kwargs,
         )
         if self._expansion_refused is None:
-            self._check_expansion(reference, images, texts, images_kwargs, vision_tokens)
+            self._check_expansion(reference, images, texts, images_kwargs, kind)
         return reference
 
     def _check_expansion(
@@ -523,7 +534,7 @@ class ModelAdapter:
         images: Sequence[Any],
         texts: Sequence[str],
         images_kwargs: dict[str, Any],
-        vision_tokens: int,
+        kind: tuple[int, tuple[tuple[int, int], ...]],
     ) -> None:
         expansion = self._expansion or PlaceholderExpansion(self.processor, reference.keys())
         try:
@@ -532,10 +543,12 @@ class ModelAdapter:
             difference = f"{type(error).__name__}: {error}"
         if difference is None:
             self._expansion = expansion
-            self._expansion_budgets.add(vision_tokens)
+            self._expansion_checked.add(kind)
             return
+        vision_tokens, sizes = kind
+        pixels = ", ".join(f"{width}x{height}" for height, width in sizes)
         self._expansion = None
-        self._expansion_refused = f"token-id expansion differs at {vision_tokens} vision tokens: {difference}"
+        self._expansion_refused = f"token-id expansion differs at {vision_tokens} vision tokens (images of {pixels} pixels): {difference}"
         log.warning(
             "%s: the processor expands image placeholders from now on; %s",
             self.family,
@@ -543,8 +556,8 @@ class ModelAdapter:
         )
 
     def check_preprocessing(self, image: Image.Image, prompt: str, vision_tokens: int) -> None:
-        """Prepare one request's inputs untimed, so that the check of the token-id expansion at this budget
-        (`run_processor`) happens before any timed request."""
+        """Prepare one request's inputs untimed, so that the check of the token-id expansion for this image's token
+        grid at this budget (`run_processor`) happens before any timed request."""
         self.prepare_inputs([image], [prompt], vision_tokens)
 
     def preprocess_mode(self) -> str:

@@ -9,9 +9,10 @@ placeholder per image, and splices in the token ids of the processor's own repla
 (tokenized once per distinct replacement), as serving engines such as vLLM do.
 
 That equals tokenizing the expanded text where the placeholder and its replacement are tokens the tokenizer
-keeps whole (added tokens). The adapter does not rely on it: at each vision-token budget, the first request also
-runs the processor and uses `PlaceholderExpansion` only if every output tensor is equal (`first_difference`); where
-they differ it keeps the processor for good and says why (`ModelAdapter.preprocess_mode`).
+keeps whole (added tokens). The adapter does not rely on it: for each token grid at each vision-token budget, the
+first request also runs the processor, and later ones use `PlaceholderExpansion` only if every output tensor was
+equal (`first_difference`); where they differ it keeps the processor for good and says why
+(`ModelAdapter.preprocess_mode`).
 """
 
 from __future__ import annotations
