@@ -10,6 +10,7 @@ test stops the workers it started.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -434,6 +435,48 @@ def test_job_has_own_allocation_only_when_the_run_lives_elsewhere(monkeypatch):
             else:
                 monkeypatch.setenv(name, value)
         assert worker.job_has_own_allocation() is expected, (job, run)
+
+
+@pytest.mark.parametrize("job", ["cell", "importance"])
+@pytest.mark.parametrize("use_worker", [True, False])
+def test_a_gpu_job_runs_where_the_config_says_inside_its_gpu_slot(job, use_worker, monkeypatch):
+    """The step scripts' dispatch: the job's own function, in the worker or in this process, with every path and
+    setting passed on, while the job holds its GPU slot."""
+    import torch
+    from knobsweep import gpu_slots
+
+    calls, held = [], []
+
+    @contextlib.contextmanager
+    def slot():
+        held.append(True)
+        yield "0"
+        held.append(False)
+
+    def recorder(name):
+        return lambda spec, **kwargs: calls.append((name, spec, kwargs, held[-1]))
+
+    monkeypatch.setattr(gpu_slots, "gpu_slot", slot)
+    for name in ("run_cell_in_worker", "importance_in_worker"):
+        monkeypatch.setattr(worker, name, recorder(name))
+    monkeypatch.setattr(cells, "run_cell_job", recorder("run_cell_job"))
+    monkeypatch.setattr(importance, "importance_job", recorder("importance_job"))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(("threads", n)))
+    paths = {"model_path": "m", "device": "cpu", "manifest_path": "man", "out_path": "out"}
+    worker.run_gpu_job(job, {"s": 1}, use_worker=use_worker, threads=3, idle_s=5.0, log_dir="logs/r", **paths)
+
+    expected = {
+        ("cell", True): "run_cell_in_worker",
+        ("importance", True): "importance_in_worker",
+        ("cell", False): "run_cell_job",
+        ("importance", False): "importance_job",
+    }[job, use_worker]
+    settings = {"threads": 3, "idle_s": 5.0, "log_dir": "logs/r"} if use_worker else {}
+    assert calls[-1] == (expected, {"s": 1}, {**paths, **settings}, True)
+    assert calls[:-1] == ([] if use_worker else [("threads", 3)])
+    assert held == [True, False]  # the slot was released afterwards
+    with pytest.raises(ValueError, match="unknown GPU job 'cells'"):
+        worker.run_gpu_job("cells", {}, use_worker=True, threads=1, idle_s=1.0, log_dir=None)
 
 
 def test_in_the_runs_own_allocation_cells_share_one_worker(inputs, reference, workdir, monkeypatch):

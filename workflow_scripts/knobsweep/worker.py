@@ -406,6 +406,38 @@ def importance_in_worker(
     )
 
 
+def run_gpu_job(
+    job: str,
+    spec: dict[str, Any],
+    *,
+    use_worker: bool,
+    threads: int,
+    idle_s: float,
+    log_dir: str | os.PathLike | None,
+    **paths: Any,
+) -> None:
+    """One GPU job of the workflow, `cell` or `importance`, as its step script runs it: holding one of the run's GPUs
+    (`gpu_slots`, set before torch starts), in the run's model worker, or with the model loaded in this process.
+    `paths`: the job function's other keyword arguments (model, device, input and output paths)."""
+    from knobsweep.gpu_slots import gpu_slot
+
+    if job not in ("cell", "importance"):
+        raise ValueError(f"unknown GPU job {job!r}: cell or importance")
+    with gpu_slot():
+        if use_worker:
+            in_worker = run_cell_in_worker if job == "cell" else importance_in_worker
+            in_worker(spec, **paths, threads=threads, idle_s=idle_s, log_dir=log_dir)
+            return
+        import torch
+
+        if job == "cell":
+            from knobsweep.cells import run_cell_job as in_process
+        else:
+            from knobsweep.importance import importance_job as in_process
+        torch.set_num_threads(threads)
+        in_process(spec, **paths)
+
+
 def _send(paths: WorkerPaths, message: tuple, replies: dict[str, Any]) -> None:
     try:
         with Client(str(paths.socket), "AF_UNIX", authkey=paths.authkey.read_bytes()) as conn:

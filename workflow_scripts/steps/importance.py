@@ -4,33 +4,21 @@ With inference.model_worker (the default) the computation runs in the run's mode
 never imports torch (knobsweep.worker); otherwise the model is loaded here.
 """
 
-from knobsweep.gpu_slots import gpu_slot
 from knobsweep.io import log_to_file
+from knobsweep.worker import run_gpu_job
 
 log_to_file(snakemake.log[0])
-inference = snakemake.config["inference"]
-job = {
-    "model_path": snakemake.config["model"]["path"].rstrip("/"),
-    "device": snakemake.config["model"]["device"],
-    "manifest_path": snakemake.input.manifest,
-    "out_path": snakemake.output[0],
-    "progress_every_s": inference["progress_every_s"],
-}
-# With several GPUs (--resources gpu=N) the job holds one of them, set before torch starts.
-with gpu_slot():
-    if inference["model_worker"]:
-        from knobsweep.worker import importance_in_worker
-
-        importance_in_worker(
-            snakemake.params.spec,
-            **job,
-            threads=snakemake.threads,
-            idle_s=inference["worker_idle_s"],
-            log_dir=f"logs/{snakemake.config['run']}",
-        )
-    else:
-        import torch
-        from knobsweep.importance import importance_job
-
-        torch.set_num_threads(snakemake.threads)
-        importance_job(snakemake.params.spec, **job)
+config, inference = snakemake.config, snakemake.config["inference"]
+run_gpu_job(
+    "importance",
+    snakemake.params.spec,
+    use_worker=inference["model_worker"],
+    threads=snakemake.threads,
+    idle_s=inference["worker_idle_s"],
+    log_dir=f"logs/{config['run']}",
+    model_path=config["model"]["path"].rstrip("/"),
+    device=config["model"]["device"],
+    manifest_path=snakemake.input.manifest,
+    out_path=snakemake.output[0],
+    progress_every_s=inference["progress_every_s"],
+)
