@@ -130,6 +130,21 @@ def test_the_first_request_of_each_grid_checks_the_expansion_then_the_processor_
     assert adapter.preprocess_mode() == EXPANDED
 
 
+def test_images_resized_on_the_device_are_checked_per_grid_too(fresh_adapter, monkeypatch):
+    """On CUDA the resized images reach the processor as (3, height, width) tensors (`resize_on_device`); here the
+    same path runs on the CPU, the image processor told to work on the CPU device."""
+    adapter = fresh_adapter
+    monkeypatch.setattr(type(adapter), "image_processor_kwargs", lambda self: {"device": "cpu"})
+    images = [make_image(w, h, seed=i) for i, (w, h) in enumerate(SIZES)]
+    (call,) = processor_calls(adapter, 64, images[:1], PROMPTS[:1])
+    assert isinstance(call[0][0], torch.Tensor)
+    for image in (images[0], images[0], images[1], images[1]):
+        inputs = adapter.prepare_inputs([image], PROMPTS[:1], 64)
+    assert adapter.processor.calls == 2 and adapter.preprocess_mode() == EXPANDED
+    (call,) = processor_calls(adapter, 64, images[1:2], PROMPTS[:1])
+    assert first_difference(by_processor(adapter, *call), inputs) is None
+
+
 def test_an_expansion_that_differs_on_one_grid_only_is_caught_there(fresh_adapter):
     """Checked on one grid, the expansion is not trusted on another: there it is compared again, and where it
     differs the request gets the processor's output."""
