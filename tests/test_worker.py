@@ -462,8 +462,12 @@ def test_a_gpu_job_runs_where_the_config_says_inside_its_gpu_slot(job, use_worke
     monkeypatch.setattr(cells, "run_cell_job", recorder("run_cell_job"))
     monkeypatch.setattr(importance, "importance_job", recorder("importance_job"))
     monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(("threads", n)))
-    paths = {"model_path": "m", "device": "cpu", "manifest_path": "man", "out_path": "out"}
-    worker.run_gpu_job(job, {"s": 1}, use_worker=use_worker, threads=3, idle_s=5.0, log_dir="logs/r", **paths)
+    config = {
+        "run": "r",
+        "model": {"path": "models/m/", "device": "cpu"},
+        "inference": {"model_worker": use_worker, "worker_idle_s": 5.0, "progress_every_s": 7.0},
+    }
+    worker.run_gpu_job(job, {"s": 1}, config, threads=3, manifest_path="man", out_path="out")
 
     expected = {
         ("cell", True): "run_cell_in_worker",
@@ -471,12 +475,19 @@ def test_a_gpu_job_runs_where_the_config_says_inside_its_gpu_slot(job, use_worke
         ("cell", False): "run_cell_job",
         ("importance", False): "importance_job",
     }[job, use_worker]
+    arguments = {
+        "model_path": "models/m",
+        "device": "cpu",
+        "manifest_path": "man",
+        "out_path": "out",
+        "progress_every_s": 7.0,
+    }
     settings = {"threads": 3, "idle_s": 5.0, "log_dir": "logs/r"} if use_worker else {}
-    assert calls[-1] == (expected, {"s": 1}, {**paths, **settings}, True)
+    assert calls[-1] == (expected, {"s": 1}, {**arguments, **settings}, True)
     assert calls[:-1] == ([] if use_worker else [("threads", 3)])
     assert held == [True, False]  # the slot was released afterwards
     with pytest.raises(ValueError, match="unknown GPU job 'cells'"):
-        worker.run_gpu_job("cells", {}, use_worker=True, threads=1, idle_s=1.0, log_dir=None)
+        worker.run_gpu_job("cells", {}, config, threads=1)
 
 
 def test_in_the_runs_own_allocation_cells_share_one_worker(inputs, reference, workdir, monkeypatch):

@@ -407,26 +407,32 @@ def importance_in_worker(
 
 
 def run_gpu_job(
-    job: str,
-    spec: dict[str, Any],
-    *,
-    use_worker: bool,
-    threads: int,
-    idle_s: float,
-    log_dir: str | os.PathLike | None,
-    **paths: Any,
+    job: str, spec: dict[str, Any], config: dict[str, Any], *, threads: int, **paths: str
 ) -> None:
     """One GPU job of the workflow, `cell` or `importance`, as its step script runs it: holding one of the run's GPUs
-    (`gpu_slots`, set before torch starts), in the run's model worker, or with the model loaded in this process.
-    `paths`: the job function's other keyword arguments (model, device, input and output paths)."""
+    (`gpu_slots`, set before torch starts), in the run's model worker (`inference.model_worker`), or with the model
+    loaded in this process. `config`: the workflow's; `paths`: the job's input and output paths."""
     from knobsweep.gpu_slots import gpu_slot
 
     if job not in ("cell", "importance"):
         raise ValueError(f"unknown GPU job {job!r}: cell or importance")
+    inference = config["inference"]
+    arguments = {
+        "model_path": config["model"]["path"].rstrip("/"),
+        "device": config["model"]["device"],
+        **paths,
+        "progress_every_s": inference["progress_every_s"],
+    }
     with gpu_slot():
-        if use_worker:
+        if inference["model_worker"]:
             in_worker = run_cell_in_worker if job == "cell" else importance_in_worker
-            in_worker(spec, **paths, threads=threads, idle_s=idle_s, log_dir=log_dir)
+            in_worker(
+                spec,
+                **arguments,
+                threads=threads,
+                idle_s=inference["worker_idle_s"],
+                log_dir=f"logs/{config['run']}",
+            )
             return
         import torch
 
@@ -435,7 +441,7 @@ def run_gpu_job(
         else:
             from knobsweep.importance import importance_job as in_process
         torch.set_num_threads(threads)
-        in_process(spec, **paths)
+        in_process(spec, **arguments)
 
 
 def _send(paths: WorkerPaths, message: tuple, replies: dict[str, Any]) -> None:
