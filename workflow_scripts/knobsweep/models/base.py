@@ -548,7 +548,10 @@ class ModelAdapter:
         vision_tokens, sizes = kind
         pixels = ", ".join(f"{width}x{height}" for height, width in sizes)
         self._expansion = None
-        self._expansion_refused = f"token-id expansion differs at {vision_tokens} vision tokens (images of {pixels} pixels): {difference}"
+        self._expansion_refused = (
+            f"token-id expansion differs at {vision_tokens} vision tokens "
+            f"(images of {pixels} pixels): {difference}"
+        )
         log.warning(
             "%s: the processor expands image placeholders from now on; %s",
             self.family,
